@@ -1,0 +1,72 @@
+"""One function names every artifact; sidecars record how each was built."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .signature import DTYPE_SHORT, Signature
+
+
+def irpa_name(dtype: str) -> str:
+    return f"unet_{DTYPE_SHORT[dtype]}.irpa"
+
+
+def stem(sig: Signature, decomposed: bool = False) -> str:
+    """e.g. unet_b1_1024x1024_f16, unet_b2_1024x1024_f16_cfg_decomposed."""
+    s = f"unet_b{sig.batch}_{sig.height}x{sig.width}_{DTYPE_SHORT[sig.dtype]}"
+    if sig.tokens != 77:
+        s += f"_t{sig.tokens}"
+    if sig.cfg:
+        s += "_cfg"
+    if decomposed:
+        s += "_decomposed"
+    return s
+
+
+def mlir_name(sig: Signature, decomposed: bool = False) -> str:
+    return f"{stem(sig, decomposed)}.mlir"
+
+
+def vmfb_name(mlir: str | Path, target: str, tuned: bool = True) -> str:
+    """e.g. unet_b1_1024x1024_f16.gfx942.vmfb (plain flags: .gfx942-plain.vmfb)."""
+    return f"{Path(mlir).stem}.{target}{'' if tuned else '-plain'}.vmfb"
+
+
+def signature_path(mlir: str | Path) -> Path:
+    """The JSON beside an .mlir: entry, inputs, outputs, scope, config, irpa digest."""
+    return Path(mlir).with_suffix(".signature.json")
+
+
+def build_info_path(vmfb: str | Path) -> Path:
+    """The JSON beside a .vmfb: compile command, compiler version, signature."""
+    return Path(str(vmfb) + ".json")
+
+
+def compile_script_path(vmfb: str | Path) -> Path:
+    return Path(str(vmfb) + ".compile.sh")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_key(**parts: Any) -> str:
+    """A digest of everything a stage's output depends on."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def up_to_date(artifact: Path, sidecar: Path, key: str) -> bool:
+    """True when `artifact` exists and its sidecar records the same build key."""
+    if not artifact.is_file() or not sidecar.is_file():
+        return False
+    try:
+        return json.loads(sidecar.read_text()).get("build_key") == key
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,125 @@
+"""Export: .irpa -> .mlir through iree-turbine, every weight external.
+
+The model is built on the meta device, so exporting the full SDXL UNet
+needs no weight memory: each parameter becomes
+`#flow.parameter.named<"model"::"<diffusers key>">` and one .irpa serves
+every MLIR and every target.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..artifacts import build_key, mlir_name, signature_path, up_to_date
+from ..config import UNetConfig
+from ..errors import PunetError
+from ..fileio import atomic_path, write_json_atomic
+from ..signature import SCOPE, Signature, dtype_from_name
+
+__all__ = ["ExportResult", "export_mlir", "export_module"]
+
+
+class _Entry(nn.Module):
+    """Positional entry point in signature order (torch.export keeps argument order)."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.names, args)))
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    mlir: Path
+    signature: Path
+    reused: bool
+    seconds: float
+
+
+def build_export_model(config: UNetConfig, sig: Signature, decompose_attention: bool) -> nn.Module:
+    """The meta-device module to export, parameters marked external under SCOPE."""
+    from iree.turbine import aot
+
+    from ..model import GuidedUNet, UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(config).to(dtype_from_name(sig.dtype)).eval()
+    unet.set_decomposed_attention(decompose_attention)
+    aot.externalize_module_parameters(unet, external_scope=SCOPE)
+    model = GuidedUNet(unet) if sig.cfg else unet
+    return _Entry(model, [s.name for s in sig.inputs(config)])
+
+
+def export_module(config: UNetConfig, sig: Signature, decompose_attention: bool = False):
+    """iree-turbine ExportOutput of the entry `sig.entry`."""
+    from iree.turbine import aot
+
+    entry = build_export_model(config, sig, decompose_attention)
+    args = tuple(torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in sig.inputs(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return aot.export(entry, args=args, function_name=sig.entry, strict_export=False)
+
+
+def export_mlir(
+    irpa: str | Path,
+    output: str | Path | None = None,
+    *,
+    sig: Signature,
+    decompose_attention: bool = False,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export the UNet described by `irpa` at the static shapes of `sig`."""
+    from ..weights import read_metadata
+
+    irpa = Path(irpa)
+    meta = read_metadata(irpa)
+    if sig.dtype != meta["dtype"]:
+        raise PunetError(
+            f"{irpa}: weights are {meta['dtype']}, export asked for {sig.dtype}; "
+            f"re-import with `punet import ... --dtype {sig.dtype}` (one archive per dtype)"
+        )
+    config = UNetConfig.from_dict(meta["config"])
+    output = Path(output) if output else irpa.parent / mlir_name(sig, decompose_attention)
+    sig_path = signature_path(output)
+    key = build_key(
+        weights=meta["weights_sha256"], sig=sig.to_dict(), decomposed=decompose_attention, punet=__version__
+    )
+    if not force and up_to_date(output, sig_path, key):
+        return ExportResult(output, sig_path, True, 0.0)
+
+    t0 = time.perf_counter()
+    if progress:
+        progress(f"exporting {sig.entry} (batch {sig.batch}, {sig.height}x{sig.width}, {sig.dtype}) with iree-turbine")
+    exported = export_module(config, sig, decompose_attention)
+    with atomic_path(output) as tmp:
+        exported.save_mlir(str(tmp))
+    write_json_atomic(
+        sig_path,
+        {
+            "format": "punet-signature-1",
+            "punet_version": __version__,
+            "entry": sig.entry,
+            "signature": sig.to_dict(),
+            "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in sig.inputs(config)],
+            "outputs": [{"name": o.name, "shape": list(o.shape), "dtype": o.dtype} for o in [sig.output(config)]],
+            "parameter_scope": SCOPE,
+            "decompose_attention": decompose_attention,
+            "irpa": {"path": str(irpa), "weights_sha256": meta["weights_sha256"], "source": meta["source"]},
+            "config": meta["config"],
+            "build_key": key,
+        },
+    )
+    return ExportResult(output, sig_path, False, time.perf_counter() - t0)

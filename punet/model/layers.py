@@ -1,0 +1,251 @@
+# Copyright 2026 the punet authors. Apache-2.0.
+# Mirrors modules of Hugging Face diffusers (Apache-2.0): the attribute names
+# equal diffusers' so that state-dict keys match with no rename table.
+"""Building blocks of the UNet: norms, attention, transformer, resnet, resampling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm with fp32 statistics whatever the activation dtype.
+
+    fp16 GroupNorm compiled for llvm-cpu is badly inaccurate (relative L2 > 1
+    on a single SDXL GroupNorm), so the reduction always runs in fp32.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm with fp32 statistics whatever the activation dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> torch.Tensor:
+    """Sinusoidal embedding of `t` (shape (B,)) -> (B, dim) fp32.
+
+    Mirrors diffusers `get_timestep_embedding` (max_period 10000, scale 1),
+    including its `freq_shift` (the predecessor used 1 where SDXL uses 0).
+    """
+    half = dim // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / (half - freq_shift))
+    args = t.float()[:, None] * freqs[None, :]  # (B, half)
+    if flip_sin_to_cos:
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    else:
+        emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """diffusers `embeddings.TimestepEmbedding` (no cond projection, no post-act)."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class Attention(nn.Module):
+    """diffusers `attention_processor.Attention` with `AttnProcessor2_0`.
+
+    `decomposed=True` writes attention as matmul + fp32 softmax + matmul
+    instead of `scaled_dot_product_attention` (Vulkan cannot compile the
+    fused attention op).
+    """
+
+    def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None):
+        super().__init__()
+        inner = heads * head_dim
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.head_dim = head_dim
+        self.decomposed = False
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        # Index 1 is diffusers' dropout slot.
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Identity()])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        b = x.shape[0]
+        q = self.to_q(x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, N, head_dim)
+        k = self.to_k(context).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, M, head_dim)
+        v = self.to_v(context).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, M, head_dim)
+        if self.decomposed:
+            scores = torch.matmul(q, k.transpose(-1, -2)) * (self.head_dim**-0.5)  # (B, heads, N, M)
+            probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+            out = torch.matmul(probs, v)  # (B, heads, N, head_dim)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        out = out.transpose(1, 2).reshape(b, -1, self.heads * self.head_dim)  # (B, N, inner)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    """diffusers `activations.GEGLU` (exact GELU)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """diffusers `attention.FeedForward` with GEGLU, mult 4."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        # Index 1 is diffusers' dropout slot.
+        self.net = nn.ModuleList([GEGLU(dim, dim * 4), nn.Identity(), nn.Linear(dim * 4, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """diffusers `attention.BasicTransformerBlock` (layer_norm, self + cross attention)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps=1e-5)
+        self.attn1 = Attention(dim, heads, head_dim)
+        self.norm2 = LayerNorm(dim, eps=1e-5)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim)
+        self.norm3 = LayerNorm(dim, eps=1e-5)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """diffusers `transformers.transformer_2d.Transformer2DModel` (continuous input)."""
+
+    def __init__(
+        self,
+        heads: int,
+        channels: int,
+        depth: int,
+        context_dim: int,
+        groups: int,
+        linear_projection: bool,
+    ):
+        super().__init__()
+        head_dim = channels // heads
+        self.linear_projection = linear_projection
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
+        if linear_projection:
+            self.proj_in = nn.Linear(channels, channels)
+        else:
+            self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, heads, head_dim, context_dim) for _ in range(depth)
+        )
+        if linear_projection:
+            self.proj_out = nn.Linear(channels, channels)
+        else:
+            self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        residual = x
+        x = self.norm(x)
+        if not self.linear_projection:
+            x = self.proj_in(x)
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)
+        if self.linear_projection:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.linear_projection:
+            x = self.proj_out(x)
+        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
+        if not self.linear_projection:
+            x = self.proj_out(x.contiguous())
+        return x + residual
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers `resnet.ResnetBlock2D` (time_embedding_norm "default", pre-norm, SiLU)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        groups: int,
+        eps: float,
+        output_scale_factor: float = 1.0,
+    ):
+        super().__init__()
+        self.output_scale_factor = output_scale_factor
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1)
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        out = x + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+class Downsample2D(nn.Module):
+    """diffusers `downsampling.Downsample2D` (use_conv, stride-2 3x3 conv)."""
+
+    def __init__(self, channels: int, padding: int):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """diffusers `upsampling.Upsample2D` (nearest, then 3x3 conv)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        # An explicit target size equals scale_factor=2 on even sizes and
+        # matches diffusers' `upsample_size` path on odd ones.
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))

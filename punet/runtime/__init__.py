@@ -1,0 +1,174 @@
+"""A thin iree.runtime driver: load a .vmfb with its .irpa, call the entry, time it.
+
+Parameters are served from the memory-mapped .irpa through the io-parameters
+module (scope "model"), never copied into Python. Before anything runs, the
+.vmfb's build record is checked against the archive's digest and the
+inputs' shapes, so a mismatch is a one-line error rather than a crash
+inside the runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..artifacts import build_info_path
+from ..config import UNetConfig
+from ..errors import PunetError
+from ..signature import SCOPE, Signature, check_inputs
+
+__all__ = ["Session", "load_build_info", "run_vmfb", "DEVICES"]
+
+DEVICES = ("local-task", "local-sync", "hip", "vulkan", "cuda")
+
+_ELEMENT_TYPES = {
+    torch.float32: "FLOAT_32",
+    torch.float16: "FLOAT_16",
+    torch.bfloat16: "BFLOAT_16",
+}
+
+
+def load_build_info(vmfb: str | Path) -> dict[str, Any]:
+    vmfb = Path(vmfb)
+    if not vmfb.is_file():
+        raise PunetError(f"{vmfb}: file not found")
+    info_path = build_info_path(vmfb)
+    if not info_path.is_file():
+        raise PunetError(f"{vmfb}: no build record {info_path.name} beside it (compile it with `punet compile`)")
+    try:
+        return json.loads(info_path.read_text())
+    except ValueError:
+        raise PunetError(f"{info_path}: malformed JSON") from None
+
+
+def set_threads(threads: int | None) -> None:
+    """Worker threads of the local-task device (process wide; before the first Session)."""
+    if threads:
+        import iree.runtime as rt
+
+        rt.flags.parse_flags(f"--task_topology_max_group_count={threads}")
+
+
+@dataclass
+class Session:
+    """A loaded module ready to call: `session(tensors) -> torch.Tensor`."""
+
+    vmfb: Path
+    irpa: Path
+    device: str
+    config: UNetConfig
+    signature: Signature
+    info: dict[str, Any]
+
+    @classmethod
+    def load(cls, vmfb: str | Path, irpa: str | Path, device: str = "local-task") -> "Session":
+        import iree.runtime as rt
+
+        from ..weights import read_metadata
+
+        vmfb, irpa = Path(vmfb), Path(irpa)
+        info = load_build_info(vmfb)
+        meta = read_metadata(irpa)
+        want = info["irpa"]["weights_sha256"]
+        if meta["weights_sha256"] != want:
+            raise PunetError(
+                f"{irpa}: weights digest {meta['weights_sha256'][:12]} does not match the one {vmfb.name} "
+                f"was exported from ({want[:12]}, {info['irpa']['path']})"
+            )
+        if device not in DEVICES:
+            raise PunetError(f"unknown device {device!r} (expected one of: {', '.join(DEVICES)})")
+        expected_driver = info.get("driver")
+        if expected_driver and device.split("-")[0] != expected_driver.split("-")[0]:
+            raise PunetError(
+                f"{vmfb.name} was compiled for target {info['target']} (device {expected_driver}), not {device}"
+            )
+        try:
+            rt_config = rt.Config(device)
+        except (ValueError, RuntimeError) as e:
+            raise PunetError(f"device {device!r} is not available here: {str(e).splitlines()[0]}") from None
+        session = cls(vmfb, irpa, device, UNetConfig.from_dict(info["config"]), Signature(**info["signature"]), info)
+        session._rt = rt
+        session._rt_config = rt_config
+        index = rt.ParameterIndex()
+        index.load(str(irpa), mmap=True)
+        provider = index.create_provider(scope=SCOPE)
+        params = rt.create_io_parameters_module(rt_config.vm_instance, provider)
+        module = rt.VmModule.mmap(rt_config.vm_instance, str(vmfb))
+        session._modules = rt.load_vm_modules(params, module, config=rt_config)
+        session._fn = getattr(session._modules[-1], info["entry"])
+        session._index = index
+        return session
+
+    def to_device(self, tensors: dict[str, torch.Tensor]) -> list:
+        """Inputs as device buffers, in entry-argument order (checked first)."""
+        check_inputs(self.config, self.signature, tensors, "inputs")
+        rt = self._rt
+        device = self._rt_config.device
+        out = []
+        for spec in self.signature.inputs(self.config):
+            t = tensors[spec.name].contiguous()
+            host = t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+            out.append(
+                device.allocator.allocate_buffer_copy(
+                    memory_type=rt.MemoryType.DEVICE_LOCAL,
+                    allowed_usage=rt.BufferUsage.DEFAULT,
+                    device=device,
+                    buffer=host,
+                    element_type=getattr(rt.HalElementType, _ELEMENT_TYPES[t.dtype]),
+                )
+            )
+        return out
+
+    def call(self, args: list) -> Any:
+        """Run the entry on device buffers; returns the raw result (synchronised)."""
+        result = self._fn(*args)
+        return result
+
+    def to_torch(self, result: Any) -> torch.Tensor:
+        spec = self.signature.output(self.config)
+        if spec.torch_dtype == torch.bfloat16:
+            raw = np.asarray(result._map_to_host() if hasattr(result, "_map_to_host") else result).view(np.uint16)
+            return torch.from_numpy(raw.copy()).view(torch.bfloat16).reshape(spec.shape)
+        return torch.from_numpy(np.array(result.to_host())).reshape(spec.shape)
+
+    def __call__(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.to_torch(self.call(self.to_device(tensors)))
+
+
+def run_vmfb(
+    vmfb: str | Path,
+    irpa: str | Path,
+    output: str | Path,
+    *,
+    inputs: str | Path | None = None,
+    seed: int = 0,
+    save_inputs: str | Path | None = None,
+    device: str = "local-task",
+) -> dict[str, Any]:
+    """One call of a compiled module; writes {"sample": noise} to `output`."""
+    from ..eager import prepare_inputs
+    from ..tensors import save_tensors
+
+    session = Session.load(vmfb, irpa, device)
+    if inputs is not None:
+        from ..tensors import load_tensors
+
+        tensors = load_tensors(inputs)
+        check_inputs(session.config, session.signature, tensors, str(inputs))
+        sig = session.signature
+    else:
+        sig, tensors = prepare_inputs(session.config, inputs=None, sig=session.signature, seed=seed)
+    if save_inputs is not None:
+        save_tensors(save_inputs, tensors)
+    t0 = time.perf_counter()
+    out = session(tensors)
+    ms = (time.perf_counter() - t0) * 1e3
+    save_tensors(output, {"sample": out}, metadata={"producer": "punet-iree", "device": device})
+    return {"signature": sig, "dtype": sig.dtype, "device": device, "ms": ms, "threads": os.cpu_count()}

@@ -1,0 +1,200 @@
+"""The one contract between stages: inputs, dtypes, parameter scope, entry names.
+
+Every stage (run, export, compile, runtime, bench) builds its tensors and
+checks its files through this module, so the names, shapes and dtypes of
+the UNet's inputs are written down exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .config import UNetConfig
+from .errors import PunetError
+
+# Parameter scope of every external weight: #flow.parameter.named<"model"::"<key>">.
+SCOPE = "model"
+# Entry functions of the exported module.
+ENTRY_MAIN = "main"
+ENTRY_CFG = "main_cfg"
+
+# The VAE's spatial downscale: latent = pixels / 8.
+LATENT_SCALE = 8
+DEFAULT_TOKENS = 77
+# Pooled text-embedding width of the SDXL text encoder (OpenCLIP bigG).
+SDXL_POOLED_WIDTH = 1280
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+# Short names for artifact file names and IREE.
+DTYPE_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+
+INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
+CFG_INPUT_NAMES = INPUT_NAMES + ("guidance_scale",)
+OUTPUT_NAME = "sample"
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise PunetError(f"unknown dtype {name!r} (expected one of: {', '.join(DTYPES)})") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for k, v in DTYPES.items():
+        if v == dtype:
+            return k
+    raise PunetError(f"unsupported dtype {dtype} (expected one of: {', '.join(DTYPES)})")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # a key of DTYPES
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def num_time_ids(config: UNetConfig) -> int:
+    """How many SDXL micro-conditioning values `time_ids` holds.
+
+    SDXL base passes 6 (original size, crop, target size); the refiner 5
+    (original size, crop, aesthetic score). config.json does not say which,
+    so it is read off the projection width with the SDXL pooled text width
+    of 1280; any other width is taken as the 6-value layout.
+    """
+    proj, step = config.projection_class_embeddings_input_dim, config.addition_time_embed_dim
+    for n in (6, 5):
+        if proj - n * step == SDXL_POOLED_WIDTH:
+            return n
+    return 6
+
+
+def text_embeds_width(config: UNetConfig) -> int:
+    width = config.projection_class_embeddings_input_dim - num_time_ids(config) * config.addition_time_embed_dim
+    if width <= 0:
+        raise PunetError(
+            f"projection_class_embeddings_input_dim={config.projection_class_embeddings_input_dim} leaves no room "
+            f"for text_embeds next to {num_time_ids(config)} time ids of width {config.addition_time_embed_dim}"
+        )
+    return width
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Static shapes of one compiled UNet call."""
+
+    batch: int
+    height: int  # pixels
+    width: int  # pixels
+    dtype: str = "float32"
+    tokens: int = DEFAULT_TOKENS
+    cfg: bool = False  # classifier-free guidance entry: 2*batch text rows, guided output
+
+    def __post_init__(self):
+        if self.batch < 1:
+            raise PunetError(f"batch must be >= 1, got {self.batch}")
+        for key in ("height", "width"):
+            v = getattr(self, key)
+            if v < LATENT_SCALE or v % LATENT_SCALE:
+                raise PunetError(f"{key} must be a positive multiple of {LATENT_SCALE} pixels, got {v}")
+        if self.dtype not in DTYPES:
+            raise PunetError(f"unknown dtype {self.dtype!r} (expected one of: {', '.join(DTYPES)})")
+
+    @property
+    def entry(self) -> str:
+        return ENTRY_CFG if self.cfg else ENTRY_MAIN
+
+    def inputs(self, config: UNetConfig) -> list[TensorSpec]:
+        """Input tensors in the order of the entry function's arguments."""
+        b = self.batch
+        rows = 2 * b if self.cfg else b  # negative then positive prompt rows
+        specs = [
+            TensorSpec("sample", (b, config.in_channels, self.height // LATENT_SCALE, self.width // LATENT_SCALE), self.dtype),
+            TensorSpec("timestep", (b,), "float32"),
+            TensorSpec("encoder_hidden_states", (rows, self.tokens, config.cross_attention_dim), self.dtype),
+        ]
+        if config.has_text_time:
+            specs.append(TensorSpec("text_embeds", (rows, text_embeds_width(config)), self.dtype))
+            specs.append(TensorSpec("time_ids", (rows, num_time_ids(config)), "float32"))
+        if self.cfg:
+            specs.append(TensorSpec("guidance_scale", (1,), "float32"))
+        return specs
+
+    def output(self, config: UNetConfig) -> TensorSpec:
+        b = self.batch
+        shape = (b, config.out_channels, self.height // LATENT_SCALE, self.width // LATENT_SCALE)
+        return TensorSpec(OUTPUT_NAME, shape, self.dtype)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_inputs(config: UNetConfig, sig: Signature, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Deterministic inputs for `sig`: random latents and text, realistic conditioning."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for spec in sig.inputs(config):
+        if spec.name == "timestep":
+            t = torch.randint(0, 1000, spec.shape, generator=g).float()
+        elif spec.name == "time_ids":
+            n = spec.shape[1]
+            h, w = float(sig.height), float(sig.width)
+            # Original size, crop top-left, then target size (base) or aesthetic score (refiner).
+            row = [h, w, 0.0, 0.0, h, w] if n == 6 else [h, w, 0.0, 0.0, 6.0][:n] + [0.0] * max(0, n - 5)
+            t = torch.tensor(row, dtype=torch.float32).expand(spec.shape).clone()
+        elif spec.name == "guidance_scale":
+            t = torch.tensor([7.5], dtype=torch.float32)
+        else:
+            t = torch.randn(spec.shape, generator=g, dtype=torch.float32)
+        out[spec.name] = t.to(spec.torch_dtype)
+    return out
+
+
+def check_inputs(config: UNetConfig, sig: Signature, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raise PunetError naming `where` and the key unless `tensors` fit `sig` exactly."""
+    specs = sig.inputs(config)
+    expected = {s.name for s in specs}
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise PunetError(f"{where}: unexpected input {extra[0]!r} (expected keys: {', '.join(sorted(expected))})")
+    for s in specs:
+        if s.name not in tensors:
+            raise PunetError(f"{where}: missing input {s.name!r} (expected shape {list(s.shape)} {s.dtype})")
+        t = tensors[s.name]
+        if tuple(t.shape) != s.shape:
+            raise PunetError(f"{where}: input {s.name!r} has shape {list(t.shape)}, expected {list(s.shape)}")
+        if t.dtype != s.torch_dtype:
+            raise PunetError(f"{where}: input {s.name!r} has dtype {t.dtype}, expected {s.dtype}")
+
+
+def signature_from_inputs(config: UNetConfig, tensors: dict[str, torch.Tensor], where: str) -> Signature:
+    """Infer the Signature of an inputs file (batch, size, dtype, tokens) and check it."""
+    for key in ("sample", "encoder_hidden_states"):
+        if key not in tensors:
+            raise PunetError(f"{where}: missing input {key!r}")
+    sample, ehs = tensors["sample"], tensors["encoder_hidden_states"]
+    if sample.dim() != 4 or ehs.dim() != 3:
+        raise PunetError(
+            f"{where}: 'sample' must be 4-D (B, C, H/8, W/8) and 'encoder_hidden_states' 3-D (B, tokens, D); "
+            f"got {list(sample.shape)} and {list(ehs.shape)}"
+        )
+    sig = Signature(
+        batch=sample.shape[0],
+        height=sample.shape[2] * LATENT_SCALE,
+        width=sample.shape[3] * LATENT_SCALE,
+        dtype=dtype_name(sample.dtype),
+        tokens=ehs.shape[1],
+        cfg="guidance_scale" in tensors,
+    )
+    check_inputs(config, sig, tensors, where)
+    return sig

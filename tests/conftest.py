@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random-weight diffusers UNets and their checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from punet.builtin import TINY_CONFIGS, config_dict, random_state_dict
+
+FAMILIES = list(TINY_CONFIGS)
+CONFIG_DIR = Path(__file__).parent / "data" / "configs"
+SHARED_CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def diffusers_kwargs(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not k.startswith("_")}
+
+
+def diffusers_tiny(name: str, seed: int = 0):
+    """diffusers UNet2DConditionModel of a tiny family config, weights re-randomised."""
+    from diffusers import UNet2DConditionModel
+
+    model = UNet2DConditionModel(**diffusers_kwargs(config_dict(name))).eval()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model.load_state_dict(random_state_dict(shapes, seed), strict=True)
+    return model
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """save_pretrained folders (real config.json + safetensors) of every tiny family."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for name in FAMILIES:
+        diffusers_tiny(name).save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`punet ARGS` in a subprocess, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "punet.cli", *args], capture_output=True, text=True, cwd=cwd, check=False
+    )
