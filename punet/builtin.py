@@ -96,7 +96,9 @@ def config_dict(name: str) -> dict:
     return {"_class_name": "UNet2DConditionModel", **json.loads(json.dumps(d))}
 
 
-def random_state_dict(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+def random_state_dict(
+    shapes: dict[str, tuple[int, ...]], seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """Deterministic random weights: no value is exactly 0 or 1, norm scales near 1.
 
     Weights are N(0, 1/fan_in) so activations keep their scale through the
@@ -115,7 +117,7 @@ def random_state_dict(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict
         else:
             fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
             t = noise / math.sqrt(fan_in)
-        out[key] = t
+        out[key] = t.to(dtype)
     return out
 
 
@@ -129,7 +131,7 @@ def write_checkpoint(
 
     folder = Path(folder)
     cfg = UNetConfig.from_dict(config)
-    state = {k: v.to(dtype) for k, v in random_state_dict(expected_shapes(cfg), seed).items()}
+    state = random_state_dict(expected_shapes(cfg), seed, dtype)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / f"{WEIGHTS_NAME}.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})

@@ -151,6 +151,148 @@ def cmd_compare(args) -> int:
     return 0 if ok else 1
 
 
+def _shape_sig(args, dtype: str):
+    from .signature import Signature
+
+    return Signature(args.batch, args.height, args.width, dtype, args.tokens, args.cfg)
+
+
+def cmd_export(args) -> int:
+    from .export import export_mlir
+    from .weights import read_metadata
+
+    dtype = args.dtype or read_metadata(args.irpa)["dtype"]
+    with _console().status("exporting with iree-turbine"):
+        res = export_mlir(
+            args.irpa,
+            args.output,
+            sig=_shape_sig(args, dtype),
+            decompose_attention=args.decompose_attention,
+            force=args.force,
+            progress=_say,
+        )
+    if res.reused:
+        print(f"{res.mlir} is up to date (reused; --force rebuilds)")
+    else:
+        print(f"wrote {res.mlir} ({res.mlir.stat().st_size / 2**20:.1f} MiB) and {res.signature.name} in {res.seconds:.1f} s")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from .compile import TARGETS, compile_flags, compile_vmfb
+
+    if args.list_targets:
+        for t in TARGETS.values():
+            print(f"{t.name:14} {t.driver:11} {t.description}")
+            print(f"{'':14} plain: {' '.join(compile_flags(t, tuned=False))}")
+            print(f"{'':14} tuned: +{' '.join(t.tuned_flags) or ' (none)'}")
+        return 0
+    if not args.mlir or not args.target:
+        raise UsageError("punet compile needs MLIR and --target (or --list-targets)")
+    with _console().status(f"iree-compile for {args.target}"):
+        res = compile_vmfb(
+            args.mlir,
+            args.target,
+            args.output,
+            tuned=not args.plain,
+            extra_flags=args.flags_extra,
+            force=args.force,
+            progress=_say,
+        )
+    if res.reused:
+        print(f"{res.vmfb} is up to date (reused; --force rebuilds)")
+    else:
+        print(f"wrote {res.vmfb} ({res.vmfb.stat().st_size / 2**20:.1f} MiB) in {res.seconds:.1f} s")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .runtime.bench import benchmark
+
+    with _console().status("benchmarking") as status:
+        res = benchmark(
+            args.vmfb,
+            args.irpa,
+            device=args.device,
+            warmup=args.warmup,
+            repeat=args.repeat,
+            threads=args.threads,
+            vs_eager=args.vs_eager,
+            progress=lambda m: status.update(f"benchmarking: {m}"),
+        )
+    print_bench(res)
+    if args.json:
+        from .fileio import write_json_atomic
+
+        write_json_atomic(args.json, res.to_dict())
+    return 0
+
+
+def print_bench(res) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    shapes = ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in res.inputs)
+    table = Table(title=f"{Path(res.vmfb).name} on {res.device}, {res.threads} threads")
+    for col in ("runner", "min ms", "median ms", "p90 ms", "mean ms", "calls"):
+        table.add_column(col, justify="right" if col != "runner" else "left")
+    rows = [("IREE " + res.target, res.iree)] + ([("torch eager", res.eager)] if res.eager else [])
+    for name, s in rows:
+        table.add_row(name, f"{s.min:.1f}", f"{s.median:.1f}", f"{s.p90:.1f}", f"{s.mean:.1f}", str(len(s.samples_ms)))
+    out = Console(highlight=False)
+    out.print(table)
+    out.print(f"inputs: {shapes}; dtype {res.dtype}; host {res.host.get('cpu')} ({res.host.get('cores')} cores)")
+    if res.eager:
+        out.print(f"IREE / torch eager speed: {res.speedup_vs_eager:.2f}x (median, >1 means IREE is faster)")
+    out.print(f"equivalent: {res.command}")
+
+
+def cmd_demo(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .pipeline import DEFAULT_SOURCE, demo
+
+    res = demo(
+        args.source or DEFAULT_SOURCE,
+        target=args.target,
+        out_dir=args.out_dir,
+        batch=args.batch,
+        height=args.height,
+        width=args.width,
+        dtype=args.dtype,
+        cfg=args.cfg,
+        force=args.force,
+        repeat=args.repeat,
+        threads=args.threads,
+        progress=_say,
+    )
+    out = Console(highlight=False)
+    stages = Table(title="punet demo: stages")
+    for col in ("stage", "seconds", "artifact", "size", "note"):
+        stages.add_column(col)
+    for r in res.stages:
+        size = f"{r.size_bytes / 2**20:.1f} MiB" if r.size_bytes is not None else ""
+        stages.add_row(r.stage, f"{r.seconds:.1f}", r.artifact, size, r.note)
+    out.print(stages)
+    if res.checks:
+        checks = Table(title="numerics")
+        for col in ("check", "max abs error", "max |ref|", "relative L2", "tolerance", "result"):
+            checks.add_column(col)
+        for name, c, tol in res.checks:
+            checks.add_row(
+                name, f"{c.max_abs_error:.2e}", f"{c.max_abs_ref:.2e}", f"{c.rel_l2:.2e}", f"{tol:g}",
+                "ok" if c.ok(tol) else "FAIL",
+            )
+        out.print(checks)
+    if res.bench is not None:
+        print_bench(res.bench)
+    if not res.ok:
+        print("punet demo: error: a numerical check failed (see the table above)", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ---- parser --------------------------------------------------------------------
 
 
@@ -235,17 +377,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, default=1e-4, help="relative L2 tolerance (default 1e-4)")
     p.set_defaults(func=cmd_compare)
 
-    _add_pipeline_verbs(verb)
+    p = verb(
+        "export",
+        "export an .irpa's UNet to MLIR with iree-turbine (static shapes, every weight external)",
+        "punet export unet.irpa -o unet.mlir --batch 1 --height 1024 --width 1024",
+    )
+    p.add_argument("irpa", help="parameter archive from `punet import`")
+    p.add_argument("-o", "--output", help="output .mlir (default: named by shape and dtype beside the .irpa)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="must equal the .irpa's dtype (default: the .irpa's)")
+    p.add_argument("--decompose-attention", action="store_true", help="attention as matmul + softmax (Vulkan)")
+    p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date artifact exists")
+    _add_shape_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = verb(
+        "compile",
+        "compile an exported .mlir for one target with iree-compile",
+        "punet compile unet_b1_1024x1024_f16.mlir --target gfx942",
+    )
+    p.add_argument("mlir", nargs="?", help="exported .mlir (with its .signature.json beside it)")
+    p.add_argument("--target", help="target name (see --list-targets)")
+    p.add_argument("-o", "--output", help="output .vmfb (default: <mlir stem>.<target>.vmfb)")
+    p.add_argument("--plain", action="store_true", help="the target's plain flags, without the tuned set")
+    p.add_argument("--flags-extra", action="append", default=[], metavar="FLAG", help="extra iree-compile flag")
+    p.add_argument("--list-targets", action="store_true", help="print the target table and exit")
+    p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date artifact exists")
+    p.set_defaults(func=cmd_compile)
+
+    p = verb(
+        "bench",
+        "time a compiled step (min, median, p90, mean), optionally beside torch eager",
+        "punet bench unet_b1_512x512_f32.cpu.vmfb --irpa unet_f32.irpa --repeat 5 --vs-eager",
+    )
+    p.add_argument("vmfb", help="compiled module")
+    p.add_argument("--irpa", required=True, help="its parameter archive")
+    p.add_argument("--device", default="local-task", help="IREE device (default local-task)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
+    p.add_argument("--repeat", type=int, default=5, help="timed calls (default 5)")
+    p.add_argument("--threads", type=int, help="CPU threads for IREE and torch (default: all cores)")
+    p.add_argument("--vs-eager", action="store_true", help="alternate with torch eager on the same inputs")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench)
+
+    p = verb(
+        "demo",
+        "the whole pipeline in one command: import, export, compile, run, compare, bench",
+        "punet demo                      # built-in small SDXL-architecture model, CPU, offline",
+    )
+    p.add_argument("source", nargs="?", default=None, help="import source (default builtin:tiny-sdxl)")
+    p.add_argument("--target", default="cpu", help="compile target (default cpu)")
+    p.add_argument("--out-dir", default="artifacts/demo", help="artifact folder (default artifacts/demo)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="weights and compute dtype")
+    p.add_argument("--repeat", type=int, default=3, help="timed calls in the bench stage (default 3)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--force", action="store_true", help="rebuild every artifact")
+    _add_shape_args(p, height=256, width=256)
+    p.set_defaults(func=cmd_demo)
     return parser
-
-
-def _add_pipeline_verbs(verb) -> None:
-    """export / compile / bench / demo: the IREE stages."""
-    try:
-        from .pipeline_cli import add_verbs
-    except ImportError:
-        return
-    add_verbs(verb, _add_shape_args, DTYPE_CHOICES)
 
 
 def main(argv: list[str] | None = None) -> int:

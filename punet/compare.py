@@ -55,3 +55,7 @@ def compare_files(a: str | Path, b: str | Path) -> list[Comparison]:
     if set(ta) != set(tb):
         raise PunetError(f"{a} and {b} hold different keys: {sorted(ta)} vs {sorted(tb)}")
     return [compare_tensors(ta[k], tb[k], k) for k in sorted(ta)]
+
+
+# Relative L2 bound of an output against fp32 torch eager, by compute dtype.
+TOLERANCE: dict[str, float] = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}

@@ -133,10 +133,10 @@ class Session:
 
     def to_torch(self, result: Any) -> torch.Tensor:
         spec = self.signature.output(self.config)
-        if spec.torch_dtype == torch.bfloat16:
-            raw = np.asarray(result._map_to_host() if hasattr(result, "_map_to_host") else result).view(np.uint16)
-            return torch.from_numpy(raw.copy()).view(torch.bfloat16).reshape(spec.shape)
-        return torch.from_numpy(np.array(result.to_host())).reshape(spec.shape)
+        host = np.array(result.to_host())  # a copy: the mapping dies with `result`
+        if spec.torch_dtype == torch.bfloat16:  # numpy holds it as ml_dtypes.bfloat16
+            return torch.from_numpy(host.view(np.uint16)).view(torch.bfloat16).reshape(spec.shape)
+        return torch.from_numpy(host).reshape(spec.shape)
 
     def __call__(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.to_torch(self.call(self.to_device(tensors)))

@@ -1,0 +1,174 @@
+"""Benchmark a compiled UNet step, optionally side by side with torch eager.
+
+Honest timing: inputs are uploaded once, warm-up calls are excluded, each
+IREE call is synchronised by reading its result back, and with `vs_eager`
+the IREE and torch calls alternate in the same process with the same inputs,
+dtype and thread count.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..signature import make_inputs
+from . import Session, set_threads
+
+
+@dataclass
+class Stats:
+    samples_ms: list[float]
+
+    @property
+    def min(self) -> float:
+        return min(self.samples_ms)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples_ms)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples_ms)
+
+    @property
+    def p90(self) -> float:
+        s = sorted(self.samples_ms)
+        return s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "min_ms": self.min,
+            "median_ms": self.median,
+            "p90_ms": self.p90,
+            "mean_ms": self.mean,
+            "samples_ms": self.samples_ms,
+        }
+
+
+@dataclass
+class BenchResult:
+    vmfb: str
+    irpa: str
+    target: str
+    device: str
+    threads: int
+    entry: str
+    inputs: list[dict]
+    dtype: str
+    iree: Stats
+    eager: Stats | None = None
+    host: dict[str, Any] = field(default_factory=dict)
+    command: str = ""
+
+    @property
+    def speedup_vs_eager(self) -> float | None:
+        return self.eager.median / self.iree.median if self.eager else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["iree"] = self.iree.to_dict()
+        d["eager"] = self.eager.to_dict() if self.eager else None
+        d["speedup_vs_eager"] = self.speedup_vs_eager
+        return d
+
+
+def benchmark_command(session: Session, threads: int | None) -> str:
+    """The equivalent iree-benchmark-module command line."""
+    short = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+    parts = [
+        "iree-benchmark-module",
+        f"--module={session.vmfb}",
+        f"--parameters=model={session.irpa}",
+        f"--device={session.device}",
+        f"--function={session.info['entry']}",
+    ]
+    for spec in session.signature.inputs(session.config):
+        parts.append(f"--input={'x'.join(map(str, spec.shape))}x{short[spec.dtype]}")
+    if threads and session.device == "local-task":
+        parts.append(f"--task_topology_max_group_count={threads}")
+    return " ".join(parts)
+
+
+def host_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def benchmark(
+    vmfb: str | Path,
+    irpa: str | Path,
+    *,
+    device: str = "local-task",
+    warmup: int = 1,
+    repeat: int = 5,
+    threads: int | None = None,
+    vs_eager: bool = False,
+    seed: int = 0,
+    progress=None,
+) -> BenchResult:
+    threads = threads or os.cpu_count() or 1
+    set_threads(threads)
+    session = Session.load(vmfb, irpa, device)
+    tensors = make_inputs(session.config, session.signature, seed)
+    args = session.to_device(tensors)
+
+    eager_model = None
+    if vs_eager:
+        from ..eager import call_model
+        from ..weights import load_model
+
+        torch.set_num_threads(threads)
+        eager_model, _ = load_model(irpa, dtype=session.signature.dtype)
+
+    def iree_once() -> float:
+        t0 = time.perf_counter()
+        session.to_torch(session.call(args))
+        return (time.perf_counter() - t0) * 1e3
+
+    def eager_once() -> float:
+        t0 = time.perf_counter()
+        call_model(eager_model, tensors)
+        return (time.perf_counter() - t0) * 1e3
+
+    for i in range(warmup):
+        if progress:
+            progress(f"warm-up {i + 1}/{warmup}")
+        iree_once()
+        if eager_model is not None:
+            eager_once()
+    iree_ms, eager_ms = [], []
+    for i in range(repeat):
+        if progress:
+            progress(f"call {i + 1}/{repeat}")
+        iree_ms.append(iree_once())
+        if eager_model is not None:
+            eager_ms.append(eager_once())
+    return BenchResult(
+        vmfb=str(vmfb),
+        irpa=str(irpa),
+        target=session.info["target"],
+        device=device,
+        threads=threads,
+        entry=session.info["entry"],
+        inputs=session.info["inputs"],
+        dtype=session.signature.dtype,
+        iree=Stats(iree_ms),
+        eager=Stats(eager_ms) if eager_ms else None,
+        host=host_info(),
+        command=benchmark_command(session, threads),
+    )

@@ -1,0 +1,181 @@
+"""The IREE pipeline on tiny models: .irpa -> MLIR -> CPU .vmfb -> run, checked against torch eager."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from punet.compare import TOLERANCE
+from punet.compile import compile_vmfb
+from punet.eager import call_model, cast_inputs
+from punet.errors import PunetError
+from punet.export import export_mlir
+from punet.runtime import Session
+from punet.signature import Signature, make_inputs
+from punet.weights import import_checkpoint, load_irpa, load_model, read_metadata
+
+from .conftest import rel_l2, run_cli
+
+H = W = 128  # latent 16x16: three levels at 16, 8, 4
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, checkpoints):
+    root = tmp_path_factory.mktemp("pipe")
+    irpa = root / "unet_f32.irpa"
+    import_checkpoint(str(checkpoints["tiny-sdxl"]), irpa)
+    return root, irpa
+
+
+def _check_compiled(irpa, sig: Signature, seed: int = 0, decompose: bool = False, target: str = "cpu"):
+    """Export + compile + run; return (relative L2 vs fp32 eager, session)."""
+    exp = export_mlir(irpa, sig=sig, decompose_attention=decompose)
+    comp = compile_vmfb(exp.mlir, target)
+    session = Session.load(comp.vmfb, irpa)
+    x = make_inputs(session.config, sig, seed)
+    got = session(x)
+    model, _ = load_model(irpa, dtype="float32")
+    ref = call_model(model, cast_inputs(x, sig, "float32"))
+    return rel_l2(got.float(), ref), exp, comp, x
+
+
+def test_export_mlir_has_external_weights_only(work):
+    root, irpa = work
+    exp = export_mlir(irpa, sig=Signature(1, H, W))
+    text = exp.mlir.read_text()
+    names = set(re.findall(r'#flow\.parameter\.named<"model"::"([^"]+)">', text))
+    _, state = load_irpa(irpa)
+    assert names == set(state)  # every weight external, under its diffusers key
+    assert exp.mlir.stat().st_size < 0.2 * irpa.stat().st_size
+    assert "dense_resource" not in text and "dense<" not in text.split("func.func")[0]
+    sig = json.loads(exp.signature.read_text())
+    assert sig["entry"] == "main" and sig["parameter_scope"] == "model"
+    assert [i["name"] for i in sig["inputs"]] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    assert sig["irpa"]["weights_sha256"] == read_metadata(irpa)["weights_sha256"]
+    assert re.search(r"func\.func @main\(%arg0: !torch\.vtensor<\[1,4,16,16\],f32>", text)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_compiled_fp32_matches_eager(work, batch):
+    _, irpa = work
+    err, _, comp, x = _check_compiled(irpa, Signature(batch, H, W))
+    if batch == 2:
+        assert x["timestep"][0] != x["timestep"][1]
+    assert err <= 1e-4, f"batch {batch}: relative L2 {err:.2e}"
+    build = json.loads((comp.vmfb.parent / (comp.vmfb.name + ".json")).read_text())
+    assert build["compiler_version"] and build["flags"] and build["target"] == "cpu"
+    script = (comp.vmfb.parent / (comp.vmfb.name + ".compile.sh")).read_text()
+    assert "iree-compile" in script and str(comp.vmfb.resolve()) in script
+
+
+def test_cfg_entry_matches_torch_guidance(work):
+    """The CFG entry equals uncond + s * (text - uncond) computed from two eager calls."""
+    _, irpa = work
+    sig = Signature(1, H, W, cfg=True)
+    exp = export_mlir(irpa, sig=sig)
+    assert "func.func @main_cfg" in exp.mlir.read_text()
+    session = Session.load(compile_vmfb(exp.mlir, "cpu").vmfb, irpa)
+    x = make_inputs(session.config, sig, 5)
+    got = session(x)
+    model, _ = load_model(irpa, dtype="float32")
+    rows = {k: x[k] for k in ("encoder_hidden_states", "text_embeds", "time_ids")}
+    neg = call_model(model, dict(sample=x["sample"], timestep=x["timestep"], **{k: v[:1] for k, v in rows.items()}))
+    pos = call_model(model, dict(sample=x["sample"], timestep=x["timestep"], **{k: v[1:] for k, v in rows.items()}))
+    expected = neg + 7.5 * (pos - neg)
+    assert rel_l2(got, expected) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_within_1e2_of_fp32(work, checkpoints, dtype):
+    root, _ = work
+    irpa = root / f"unet_{dtype}.irpa"
+    import_checkpoint(str(checkpoints["tiny-sdxl"]), irpa, dtype=dtype)
+    err, *_ = _check_compiled(irpa, Signature(1, H, W, dtype=dtype))
+    assert err <= TOLERANCE[dtype], f"{dtype}: relative L2 {err:.2e} vs fp32 eager"
+
+
+def test_decomposed_attention_has_no_fused_attention(work):
+    """--decompose-attention writes matmul + softmax; numerics unchanged."""
+    _, irpa = work
+    sig = Signature(1, H, W)
+    exp = export_mlir(irpa, sig=sig, decompose_attention=True)
+    text = exp.mlir.read_text()
+    assert "scaled_dot_product_attention" not in text and "torch.aten._softmax" in text or "softmax" in text
+    model, _ = load_model(irpa)
+    x = make_inputs(model.config, sig, 2)
+    fused = call_model(model, x)
+    decomposed = call_model(model.set_decomposed_attention(True), x)
+    assert rel_l2(decomposed, fused) <= 1e-5
+
+
+def test_reuse_and_force(work):
+    _, irpa = work
+    sig = Signature(1, H, W)
+    first = export_mlir(irpa, sig=sig)
+    again = export_mlir(irpa, sig=sig)
+    assert again.reused and again.mlir == first.mlir
+    comp = compile_vmfb(first.mlir, "cpu")
+    assert compile_vmfb(first.mlir, "cpu").reused
+    r = run_cli("compile", str(first.mlir), "--target", "cpu")
+    assert r.returncode == 0 and "up to date" in r.stdout
+    assert not export_mlir(irpa, sig=sig, force=True).reused
+    assert comp.vmfb.is_file()
+
+
+def test_runtime_refuses_mismatches(work, checkpoints, tmp_path):
+    root, irpa = work
+    comp = compile_vmfb(export_mlir(irpa, sig=Signature(1, H, W)).mlir, "cpu")
+    other = tmp_path / "other.irpa"
+    import_checkpoint(str(checkpoints["tiny-sdxl"]), other, dtype="bfloat16")
+    with pytest.raises(PunetError, match="does not match the one"):
+        Session.load(comp.vmfb, other)
+    session = Session.load(comp.vmfb, irpa)
+    x = make_inputs(session.config, Signature(2, H, W), 0)
+    with pytest.raises(PunetError, match=r"input 'sample' has shape \[2, 4, 16, 16\], expected \[1, 4, 16, 16\]"):
+        session(x)
+    with pytest.raises(PunetError, match="compiled for target cpu"):
+        Session.load(comp.vmfb, irpa, device="vulkan")
+    lonely = tmp_path / "lonely.vmfb"
+    lonely.write_bytes(comp.vmfb.read_bytes())
+    with pytest.raises(PunetError, match="no build record"):
+        Session.load(lonely, irpa)
+
+
+def test_export_dtype_must_match_archive(work):
+    _, irpa = work
+    with pytest.raises(PunetError, match="re-import with"):
+        export_mlir(irpa, sig=Signature(1, H, W, dtype="float16"))
+
+
+def test_compile_failure_is_one_line_with_log(work):
+    _, irpa = work
+    exp = export_mlir(irpa, sig=Signature(1, H, W))
+    r = run_cli("compile", str(exp.mlir), "--target", "cpu", "--plain", "--flags-extra=--iree-no-such-flag", "--force")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("punet compile: error: iree-compile failed for target cpu")
+    log = re.search(r"full log: (\S+)\)", lines[-1]).group(1)
+    assert "no-such-flag" in open(log).read()
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_run_vmfb_and_compare(work, tmp_path):
+    _, irpa = work
+    comp = compile_vmfb(export_mlir(irpa, sig=Signature(1, H, W)).mlir, "cpu")
+    r = run_cli("run", str(irpa), "-o", str(tmp_path / "eager.safetensors"), "--height", str(H), "--width", str(W),
+                "--seed", "3", "--save-inputs", str(tmp_path / "in.safetensors"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("run", str(comp.vmfb), "--irpa", str(irpa), "--inputs", str(tmp_path / "in.safetensors"),
+                "-o", str(tmp_path / "iree.safetensors"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("compare", str(tmp_path / "iree.safetensors"), str(tmp_path / "eager.safetensors"), "--rtol", "1e-4")
+    assert r.returncode == 0 and "relative L2" in r.stdout
+    r = run_cli("bench", str(comp.vmfb), "--irpa", str(irpa), "--repeat", "2", "--vs-eager",
+                "--json", str(tmp_path / "b.json"))
+    assert r.returncode == 0, r.stderr
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["iree"]["median_ms"] > 0 and b["eager"]["median_ms"] > 0 and b["threads"] >= 1
+    assert "iree-benchmark-module" in r.stdout and "--parameters=model=" in r.stdout
