@@ -47,7 +47,7 @@ def cmd_import(args) -> int:
 
     t0 = time.perf_counter()
     with Progress(
-        TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_console()
+        TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_console(), transient=True
     ) as bar:
         task = bar.add_task("import", total=None)
 
@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=f"example:\n  {example}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        p.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+        # SUPPRESS: a --verbose given before the verb is not reset here.
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
         return p
 
     p = verb(

@@ -28,7 +28,7 @@ from ..artifacts import (
     up_to_date,
     vmfb_name,
 )
-from ..errors import PunetError
+from ..errors import PunetError, UsageError
 from ..fileio import atomic_path, write_json_atomic, write_text_atomic
 from .targets import TARGETS, Target, compile_flags, get_target
 
@@ -81,7 +81,10 @@ def compile_vmfb(
 ) -> CompileResult:
     """Compile `mlir` for `target` (a name in TARGETS)."""
     mlir = Path(mlir)
-    t = get_target(target)
+    try:
+        t = get_target(target)
+    except ValueError as e:
+        raise UsageError(f"--target: {e}") from None
     if not mlir.is_file():
         raise PunetError(f"{mlir}: file not found")
     sig_file = signature_path(mlir)
