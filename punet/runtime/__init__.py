@@ -68,7 +68,14 @@ class Session:
     info: dict[str, Any]
 
     @classmethod
-    def load(cls, vmfb: str | Path, irpa: str | Path, device: str = "local-task") -> "Session":
+    def load(
+        cls, vmfb: str | Path, irpa: str | Path, device: str = "local-task", verify_weights: bool = True
+    ) -> "Session":
+        """Load `vmfb` with parameters from `irpa` on `device`.
+
+        `verify_weights=False` accepts an archive of the same architecture
+        with other weights (e.g. random weights regenerated elsewhere).
+        """
         import iree.runtime as rt
 
         from ..weights import read_metadata
@@ -77,7 +84,7 @@ class Session:
         info = load_build_info(vmfb)
         meta = read_metadata(irpa)
         want = info["irpa"]["weights_sha256"]
-        if meta["weights_sha256"] != want:
+        if verify_weights and meta["weights_sha256"] != want:
             raise PunetError(
                 f"{irpa}: weights digest {meta['weights_sha256'][:12]} does not match the one {vmfb.name} "
                 f"was exported from ({want[:12]}, {info['irpa']['path']})"

@@ -1,0 +1,38 @@
+"""The benchmark scripts fail loudly where they cannot run, and count FLOPs like torch does."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_gpu_script_fails_clearly_without_gpu(tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1 and "no .vmfb" in r.stderr
+    (tmp_path / "x.vmfb").write_bytes(b"")
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(tmp_path)], capture_output=True, text=True,
+                       env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "PYTHON": sys.executable})
+    assert r.returncode == 1 and "no CUDA GPU visible to torch" in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), str(tmp_path), "--irpa", "x.irpa"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().startswith("bench/gpu.py: error: no CUDA GPU")
+
+
+def test_flop_count_of_sdxl_matches_the_known_figure():
+    """1.59 TFLOP per SDXL call at 512x512 batch 1 (torch's FLOP counter on the real config)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from flops import count_flops
+
+    from punet import UNetConfig
+    from punet.signature import Signature
+
+    cfg = UNetConfig.from_json(ROOT / "tests" / "data" / "configs" / "sdxl-base-1.0-unet.json")
+    assert round(count_flops(cfg, Signature(1, 512, 512)) / 1e12, 2) == 1.59
+    assert round(count_flops(cfg, Signature(1, 1024, 1024, cfg=True)) / 1e12, 2) == 13.52
