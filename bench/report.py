@@ -4,8 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# Peak fp32 FLOP/s of one core of this CPU class: 2 FMA units x 16 fp32 lanes (AVX-512) x 2 FLOP.
-FP32_FLOP_PER_CYCLE_PER_CORE = 64
+def fp32_flop_per_cycle() -> int:
+    """Peak fp32 FLOP per cycle per core: 2 FMA pipes x lanes x 2 (AVX-512: 16 lanes, AVX2: 8)."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        pass
+    if "avx512f" in flags:
+        return 64
+    return 32 if "fma" in flags else 8
 
 
 def cpu_ghz() -> float | None:
@@ -21,7 +32,8 @@ def cpu_ghz() -> float | None:
 def render(results: dict, threads: int, tflop: dict, outdir: Path) -> tuple[str, Path | None]:
     host = results["host"]
     ghz = cpu_ghz()
-    peak_tflops = ghz * FP32_FLOP_PER_CYCLE_PER_CORE * threads / 1e3 if ghz else None
+    per_cycle = fp32_flop_per_cycle()
+    peak_tflops = ghz * per_cycle * threads / 1e3 if ghz else None
     lines = [
         "# Benchmarks: full-size SDXL UNet on this CPU",
         "",
@@ -36,7 +48,7 @@ def render(results: dict, threads: int, tflop: dict, outdir: Path) -> tuple[str,
         "Each row is the median of the timed calls of one process per size that alternates all runners on the "
         "same inputs (warm-up excluded). Ratio: torch eager fp32 median / this median (>1 is faster). "
         f"FLOP floor: the call's FLOPs / this CPU's fp32 peak"
-        + (f" ({peak_tflops:.2f} TFLOP/s = {ghz:.2f} GHz x {FP32_FLOP_PER_CYCLE_PER_CORE} FLOP/cycle x {threads})"
+        + (f" ({peak_tflops:.3f} TFLOP/s = {ghz:.2f} GHz x {per_cycle} FLOP/cycle x {threads} cores)"
            if peak_tflops else "")
         + "; `floor / time` is the fraction of that peak reached.",
         "",
