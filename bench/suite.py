@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from punet.compile import get_target
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT.parent / "shared" / "configs" / "sdxl-base-1.0-unet.json"
 # torch.utils.flop_counter on the real SDXL config (bench/flops.py), batch 1.
@@ -91,8 +93,10 @@ def main() -> None:
             irpa = work / f"unet_{SHORT[dtype]}.irpa"
             mlir = work / f"unet_b1_{size}x{size}_{SHORT[dtype]}.mlir"
             print(f"export + compile {size} {dtype}", flush=True)
-            s, rss = run_child(punet("export", str(irpa), "--height", str(size), "--width", str(size), "-o", str(mlir)),
-                               logs / f"export_{size}_{dtype}.log")
+            export = punet("export", str(irpa), "--height", str(size), "--width", str(size), "-o", str(mlir))
+            if get_target("cpu").decompose_attention:
+                export.append("--decompose-attention")
+            s, rss = run_child(export, logs / f"export_{size}_{dtype}.log")
             results["stages"].append({"stage": "export", "size": size, "dtype": dtype, "seconds": s, "peak_rss_gib": rss})
             s, rss = run_child(punet("compile", str(mlir), "--target", "cpu"), logs / f"compile_{size}_{dtype}.log")
             results["stages"].append({"stage": "compile", "size": size, "dtype": dtype, "seconds": s, "peak_rss_gib": rss})

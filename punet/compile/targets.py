@@ -1,0 +1,429 @@
+"""Per-target iree-compile flags, as data.
+
+One table, `TARGETS`, maps a target name to the exact flags handed to
+`iree-compile` (IREE 3.13). Every flag here was checked against the installed
+compiler (it rejects unknown flags, and flag names change between releases)
+and every target, plain and tuned, is compiled in tests/test_targets.py on a
+CPU-only machine (cross-compilation for GPUs needs no GPU).
+
+`flags` is the plain set: the device and the architecture (and, for Vulkan,
+the one preprocessing pass without which an fp16 UNet does not compile).
+`tuned_flags` is appended for the tuned variant. They are derived from IREE's
+and shark-ai's own SDXL UNet configurations, rewritten for 3.13:
+
+* IREE CI, iree-org/iree-test-suites
+  sharktank_models/quality_tests/sdxl/unet_fp16_rocm.json and
+  unet_fp16_960_1024_rocm.json (SDXL fp16 UNet on MI300), and the
+  experimental/regression_suite SDXL tests (their CPU_COMPILE_FLAGS);
+* shark-ai, shortfin/python/shortfin_apps/sd/examples/sdxl_flags_gfx942.txt,
+  sdxl_flagfile_gfx1100.txt, sdxl_flagfile_gfx1201.txt ("all" + "unet");
+* SHARK-ModelDev turbine_models/custom_models/sd_inference/utils.py
+  (Vulkan flags).
+
+Renamed or dropped for 3.13:
+
+* `--iree-hip-waves-per-eu` -> `--iree-rocm-waves-per-eu`, and
+  `--iree-hip-target` -> `--iree-rocm-target` (the `--iree-hip-*` spellings
+  are unknown to 3.13);
+* `--iree-llvmgpu-enable-prefetch=true` -> `--iree-llvmgpu-prefetch-num-stages=2`
+  (iree-org/iree#23568 replaced the bool; 2 stages is what `true` meant);
+* `--iree-codegen-gpu-native-math-precision` is gone (a no-op since
+  iree-org/iree#21636);
+* `--iree-global-opt-propagate-transposes`, `--iree-codegen-llvmgpu-use-vector-distribution`,
+  `--iree-hal-indirect-command-buffers` and `--iree-hal-memoization` are on by
+  default (iree-org/iree#21617), so they are left out;
+* `--iree-scheduling-dump-statistics-*` only write a report; left out;
+* `iree-dispatch-creation-canonicalize` (a pass some older pipelines name) does
+  not exist in 3.13; `iree-flow-canonicalize` does.
+
+Stdlib only; importing this module must stay cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # e.g. "gfx942"
+    backend: str  # "llvm-cpu" | "rocm" | "vulkan-spirv" | "cuda"
+    driver: str  # IREE runtime device to run it on: "local-task", "hip", "vulkan", "cuda"
+    description: str  # one line, e.g. "AMD Instinct MI300 (CDNA3)"
+    flags: tuple[str, ...]  # plain flag set, incl. --iree-hal-target-device=... and the arch flag
+    tuned_flags: tuple[str, ...]  # extra flags appended for the tuned variant
+    decompose_attention: bool = False  # export writes attention as matmul+softmax (Vulkan, CPU data tiling)
+    notes: str = ""
+
+
+# ---------------------------------------------------------------------------
+# Plain device flags
+# ---------------------------------------------------------------------------
+
+_LLVM_CPU = ("--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu")
+
+
+def _hip(arch: str) -> tuple[str, ...]:
+    return ("--iree-hal-target-device=hip", f"--iree-rocm-target={arch}")
+
+
+# Vulkan needs convolutions in NHWC even for the plain set: on the cooperative-
+# matrix targets (rdna3, rdna4, ampere, ada) every fp16 NCHW 1x1 convolution --
+# SDXL's ResNet shortcuts -- fails with "no GPU subgroup mma compute ops
+# generated". This is the first pass of IREE's own SDXL pipelines.
+_VULKAN_PREPROCESS = (
+    "--iree-preprocessing-pass-pipeline=builtin.module(iree-preprocessing-transpose-convolution-pipeline)"
+)
+
+
+def _vulkan(arch: str) -> tuple[str, ...]:
+    return ("--iree-hal-target-device=vulkan", f"--iree-vulkan-target={arch}", _VULKAN_PREPROCESS)
+
+
+def _cuda(arch: str) -> tuple[str, ...]:
+    return ("--iree-hal-target-device=cuda", f"--iree-cuda-target={arch}")
+
+
+# ---------------------------------------------------------------------------
+# Tuned flag sets
+# ---------------------------------------------------------------------------
+
+# CPU: measured on the full-size SDXL UNet (docs/cpu-tuning.md). Data tiling with
+# the mmt4d microkernels is the one large win (1.3x faster than torch eager fp32
+# at 256x256 on a 2-core Zen 3), but with IREE 3.13 it fails on the fused
+# attention dispatch ("operations with large vector sizes"), so the CPU targets
+# export attention as matmul + softmax. Data tiling repacks weights at load
+# (about 0.7x the archive in extra RAM); the plain set is the zero-copy one.
+_CPU_TUNED = (
+    "--iree-opt-data-tiling",
+    "--iree-llvmcpu-enable-ukernels=all",
+)
+
+# Folds weight transposes into the matmuls. Without it IREE hoists
+# transpose(weight) of every batch-1 Linear into a load-time initializer that
+# copies 8.8 GB of a 10.3 GB SDXL archive; with it every parameter is used in
+# place from the memory-mapped .irpa (docs/cpu-tuning.md).
+_CPU_ZERO_COPY = ("--iree-opt-aggressively-propagate-transposes",)
+
+# The target-neutral part of IREE CI's unet_fp16_rocm.json.
+_GPU_COMMON = (
+    "--iree-opt-const-eval=false",
+    "--iree-opt-strip-assertions=true",
+    "--iree-dispatch-creation-enable-fuse-horizontal-contractions=true",
+    "--iree-dispatch-creation-enable-aggressive-fusion=true",
+    "--iree-opt-aggressively-propagate-transposes=true",
+    "--iree-opt-outer-dim-concat=true",
+    "--iree-opt-generalize-matmul=true",
+    "--iree-opt-data-tiling=false",
+    "--iree-vm-target-truncate-unsupported-floats",
+)
+
+# IREE CI's FP16_UNET_FLAGS preprocessing: NCHW convs -> NHWC, and pad ops to
+# the MMA intrinsic sizes of the target -- restricted here to contractions.
+# In 3.13, padding 3x3 convolutions (the pass's default, pad-target-type=all)
+# breaks whenever a feature map's width is not a multiple of 16 ("'linalg.generic'
+# op inferred input/output operand #0 has shape's dimension #1 to be greater than
+# or equal to 34, but found 32"): SDXL at 1024 px wide is fine (128/64/32), but
+# e.g. 832x1216 SDXL or SD 1.x at 512 px (8x8 level) would not compile.
+_PAD_CONTRACTIONS = "iree-preprocessing-pad-to-intrinsics{pad-target-type=contraction}"
+_FP16_UNET_PREPROCESS = (
+    "--iree-preprocessing-pass-pipeline="
+    f"builtin.module(iree-preprocessing-transpose-convolution-pipeline,{_PAD_CONTRACTIONS})"
+)
+
+# shark-ai's sdxl_flagfile_gfx1201.txt / sdxl_flags_gfx942.txt pipeline (same
+# pad-to-intrinsics restriction).
+_SHARK_PREPROCESS = (
+    "--iree-preprocessing-pass-pipeline="
+    "builtin.module(util.func(iree-global-opt-raise-special-ops, iree-flow-canonicalize), "
+    f"iree-preprocessing-transpose-convolution-pipeline, {_PAD_CONTRACTIONS}, "
+    "util.func(iree-preprocessing-generalize-linalg-matmul-experimental))"
+)
+
+# AMD Instinct (CDNA): unet_fp16_rocm.json as a whole, plus the indirect
+# command buffers every shark-ai SDXL flagfile sets.
+_CDNA_TUNED = _GPU_COMMON + (
+    "--iree-llvmgpu-prefetch-num-stages=2",
+    "--iree-rocm-waves-per-eu=2",
+    "--iree-execution-model=async-external",
+    "--iree-hal-force-indirect-command-buffers",
+    _FP16_UNET_PREPROCESS,
+)
+
+# Radeon RDNA3: shark-ai sdxl_flagfile_gfx1100.txt ("all" + "unet"): no
+# aggressive fusion, no preprocessing pipeline, no waves-per-eu hint.
+_RDNA3_TUNED = (
+    "--iree-execution-model=async-external",
+    "--iree-opt-const-eval=false",
+    "--iree-opt-outer-dim-concat=true",
+    "--iree-opt-aggressively-propagate-transposes=true",
+    "--iree-hal-force-indirect-command-buffers",
+    "--iree-llvmgpu-prefetch-num-stages=2",
+    "--iree-opt-data-tiling=false",
+    "--iree-vm-target-truncate-unsupported-floats",
+    "--iree-dispatch-creation-enable-fuse-horizontal-contractions=true",
+)
+
+# Radeon RDNA4: shark-ai sdxl_flagfile_gfx1201.txt ("all" + "unet").
+_RDNA4_TUNED = _RDNA3_TUNED + (
+    "--iree-dispatch-creation-enable-aggressive-fusion=true",
+    _SHARK_PREPROCESS,
+)
+
+# CUDA: IREE has no SDXL CUDA configuration of its own; this is the
+# target-neutral part of the ROCm one (the AMD-only hints left out).
+_CUDA_TUNED = _GPU_COMMON + (_FP16_UNET_PREPROCESS,)
+
+# Vulkan: the target-neutral part minus three flags the SPIR-V path cannot
+# take in 3.13, plus the SD flags of turbine_models' compile_to_vmfb for
+# vulkan-spirv (64-bit resource indexing for multi-GB weights, no constants
+# inlined into dispatches). Left out: aggressive fusion (vp_android_baseline_2022
+# then overflows its 16 KiB of shared memory), aggressive transpose propagation
+# and matmul generalization (the cooperative-matrix targets -- rdna3/rdna4/
+# ampere/ada -- then fail: "no GPU subgroup mma compute ops generated"), and
+# the preprocessing pipeline (pad-to-intrinsics pads for MMA intrinsics the
+# SPIR-V path does not use the same way).
+_VULKAN_TUNED = (
+    "--iree-opt-const-eval=false",
+    "--iree-opt-strip-assertions=true",
+    "--iree-dispatch-creation-enable-fuse-horizontal-contractions=true",
+    "--iree-opt-outer-dim-concat=true",
+    "--iree-opt-data-tiling=false",
+    "--iree-vm-target-truncate-unsupported-floats",
+    "--iree-stream-resource-max-allocation-size=4294967296",
+    "--iree-stream-resource-index-bits=64",
+    "--iree-vm-target-index-bits=64",
+    "--iree-flow-inline-constants-max-byte-length=1",
+)
+
+_VULKAN_ATTENTION_NOTE = (
+    "Attention must be exported as matmul+softmax: the SPIR-V backend fails on "
+    "iree_linalg_ext.online_attention ('result #0 must be variadic of ranked tensor')."
+)
+
+
+def _table(*targets: Target) -> dict[str, Target]:
+    return {t.name: t for t in targets}
+
+
+TARGETS: dict[str, Target] = _table(
+    # ---------------------------------------------------------------- CPU
+    Target(
+        name="cpu",
+        backend="llvm-cpu",
+        driver="local-task",
+        description="This machine's CPU (all of its ISA extensions)",
+        flags=_LLVM_CPU + ("--iree-llvmcpu-target-cpu=host",) + _CPU_ZERO_COPY,
+        tuned_flags=_CPU_TUNED,
+        decompose_attention=True,
+        notes=(
+            "The .vmfb uses every feature of the CPU it was compiled on (e.g. AVX-512) and may "
+            "crash with an illegal instruction elsewhere; use cpu-generic to ship. "
+            "--iree-opt-level=O3 is not in tuned: it failed on the SDXL UNet "
+            "('exceeded stack allocation limit'). Attention is exported decomposed: data tiling "
+            "cannot compile the fused SDXL attention dispatch in IREE 3.13."
+        ),
+    ),
+    Target(
+        name="cpu-generic",
+        backend="llvm-cpu",
+        driver="local-task",
+        description="Any x86-64 CPU (baseline x86-64, SSE2)",
+        flags=_LLVM_CPU
+        + (
+            "--iree-llvmcpu-target-triple=x86_64-unknown-unknown-eabi-elf",
+            "--iree-llvmcpu-target-cpu=generic",
+        )
+        + _CPU_ZERO_COPY,
+        tuned_flags=_CPU_TUNED,
+        decompose_attention=True,
+        notes=(
+            "Portable but slow: no AVX/FMA, and without F16C every fp16<->fp32 conversion is "
+            "done in software. --iree-llvmcpu-target-cpu=x86-64-v3 (Haswell/Zen and newer: "
+            "AVX2, FMA, F16C) is the usual faster portable choice. The triple makes the "
+            "result x86-64 even when compiled on another host."
+        ),
+    ),
+    # --------------------------------------------------------------- ROCm
+    Target(
+        name="gfx942",
+        backend="rocm",
+        driver="hip",
+        description="AMD Instinct MI300X/MI300A/MI325X (CDNA3)",
+        flags=_hip("gfx942"),
+        tuned_flags=_CDNA_TUNED + ("--iree-codegen-enable-default-tuning-specs=true",),
+        notes=(
+            "Tuned = IREE CI unet_fp16_rocm.json. The compiler ships a gfx942 tuning spec "
+            "with SDXL UNet attention/matmul configs, off by default; tuned turns it on."
+        ),
+    ),
+    Target(
+        name="gfx950",
+        backend="rocm",
+        driver="hip",
+        description="AMD Instinct MI350X/MI355X (CDNA4)",
+        flags=_hip("gfx950"),
+        tuned_flags=_CDNA_TUNED,
+        notes=(
+            "No SDXL configuration of IREE's own for gfx950; tuned reuses the CDNA3 one. "
+            "IREE 3.13 ships no default tuning spec for gfx950. Plain flags crash the 3.13 "
+            "compiler (in getXorShuffleParamsForTunedChipset) on a toy-sized 1x128 @ 128x32 "
+            "matmul; SDXL's shapes (and the tuned set) compile."
+        ),
+    ),
+    Target(
+        name="gfx1100",
+        backend="rocm",
+        driver="hip",
+        description="AMD Radeon RX 7900 XTX/XT, PRO W7900 (RDNA3)",
+        flags=_hip("gfx1100"),
+        tuned_flags=_RDNA3_TUNED,
+        notes="Tuned = shark-ai sdxl_flagfile_gfx1100.txt (all + unet).",
+    ),
+    Target(
+        name="gfx1201",
+        backend="rocm",
+        driver="hip",
+        description="AMD Radeon RX 9070 XT/9070 (RDNA4)",
+        flags=_hip("gfx1201"),
+        tuned_flags=_RDNA4_TUNED,
+        notes="Tuned = shark-ai sdxl_flagfile_gfx1201.txt (all + unet).",
+    ),
+    # ------------------------------------------------------------- Vulkan
+    Target(
+        name="vulkan",
+        backend="vulkan-spirv",
+        driver="vulkan",
+        description="Any Vulkan 1.1 GPU (IREE's VP_ANDROID_baseline_2022 profile), fp32 only",
+        flags=_vulkan("vp_android_baseline_2022"),
+        tuned_flags=_VULKAN_TUNED,
+        decompose_attention=True,
+        notes=(
+            "vp_android_baseline_2022 is the only vendor-neutral Vulkan target IREE 3.13 knows "
+            "(`generic`/`unknown` are rejected: \"Unknown Vulkan target\"). It assumes no fp16 "
+            "arithmetic, no 16-bit storage, no subgroup ops and 16 KiB of shared memory, so it "
+            "compiles fp32 models only: an fp16 UNet fails in group-norm reductions "
+            "('uses 32768 bytes of shared memory; exceeded the limit of 16384 bytes'). Export "
+            "fp32 for it, or use a vendor variant (vulkan-rdna3, vulkan-ampere, ...) for fp16. "
+            + _VULKAN_ATTENTION_NOTE
+        ),
+    ),
+    Target(
+        name="vulkan-rdna2",
+        backend="vulkan-spirv",
+        driver="vulkan",
+        description="AMD Radeon RX 6000 (RDNA2) via Vulkan",
+        flags=_vulkan("rdna2"),
+        tuned_flags=_VULKAN_TUNED,
+        decompose_attention=True,
+        notes=_VULKAN_ATTENTION_NOTE,
+    ),
+    Target(
+        name="vulkan-rdna3",
+        backend="vulkan-spirv",
+        driver="vulkan",
+        description="AMD Radeon RX 7000 (RDNA3) via Vulkan",
+        flags=_vulkan("rdna3"),
+        tuned_flags=_VULKAN_TUNED,
+        decompose_attention=True,
+        notes=_VULKAN_ATTENTION_NOTE,
+    ),
+    Target(
+        name="vulkan-rdna4",
+        backend="vulkan-spirv",
+        driver="vulkan",
+        description="AMD Radeon RX 9000 (RDNA4) via Vulkan",
+        flags=_vulkan("rdna4"),
+        tuned_flags=_VULKAN_TUNED,
+        decompose_attention=True,
+        notes=_VULKAN_ATTENTION_NOTE,
+    ),
+    Target(
+        name="vulkan-ampere",
+        backend="vulkan-spirv",
+        driver="vulkan",
+        description="NVIDIA RTX 30 / A-series (Ampere, sm_80 details) via Vulkan",
+        flags=_vulkan("ampere"),
+        tuned_flags=_VULKAN_TUNED,
+        decompose_attention=True,
+        notes=(
+            "Uses cooperative-matrix (16x16x16) kernels; IREE 3.13 fails on a matmul with a "
+            "dimension below 16 ('no GPU subgroup mma compute ops generated'), e.g. a toy "
+            "model with 8 text tokens. SD shapes (64/77 tokens, head dim 64) compile. "
+            + _VULKAN_ATTENTION_NOTE
+        ),
+    ),
+    Target(
+        name="vulkan-ada",
+        backend="vulkan-spirv",
+        driver="vulkan",
+        description="NVIDIA RTX 40 / L4 / L40 (Ada Lovelace, sm_89) via Vulkan",
+        flags=_vulkan("sm_89"),
+        tuned_flags=_VULKAN_TUNED,
+        decompose_attention=True,
+        notes="Same cooperative-matrix caveat as vulkan-ampere. " + _VULKAN_ATTENTION_NOTE,
+    ),
+    # --------------------------------------------------------------- CUDA
+    Target(
+        name="sm_80",
+        backend="cuda",
+        driver="cuda",
+        description="NVIDIA A100 / A30 (Ampere, sm_80)",
+        flags=_cuda("sm_80"),
+        tuned_flags=_CUDA_TUNED,
+        notes="PTX ISA 7.6 for sm_80, JIT-compiled by the driver at load.",
+    ),
+    Target(
+        name="sm_86",
+        backend="cuda",
+        driver="cuda",
+        description="NVIDIA RTX 30 / A10 / A40 (Ampere, sm_86)",
+        flags=_cuda("sm_86"),
+        tuned_flags=_CUDA_TUNED,
+        notes=(
+            "IREE 3.13 describes sm_86 with sm_80's 163 KiB shared-memory budget; the chip allows "
+            "99 KiB per block, so a kernel choosing more would fail to launch (not seen on SD shapes)."
+        ),
+    ),
+    Target(
+        name="sm_89",
+        backend="cuda",
+        driver="cuda",
+        description="NVIDIA RTX 40 / L4 / L40 (Ada Lovelace, sm_89)",
+        flags=_cuda("sm_89"),
+        tuned_flags=_CUDA_TUNED,
+        notes="PTX ISA 8.4 (driver for CUDA 12.4 or newer); adds FP8 mma.sync, unused by fp16 models.",
+    ),
+    Target(
+        name="hopper",
+        backend="cuda",
+        driver="cuda",
+        description="NVIDIA H100 / H200 / GH200 (Hopper, sm_90) via sm_80 PTX",
+        flags=_cuda("sm_80"),
+        tuned_flags=_CUDA_TUNED,
+        notes=(
+            "IREE 3.13 cannot target Hopper: --iree-cuda-target=sm_90/sm_90a/sm_100 fail with "
+            "'missing GPU target in #hal.executable.target' (iree-org/iree#22147) and "
+            "'hopper'/'h100' are rejected ('Unknown CUDA target'). This entry ships sm_80 PTX "
+            "(ISA 7.6), which the driver JIT-compiles for sm_90: PTX runs on any GPU of an equal "
+            "or higher compute capability. sm_80 rather than sm_89: for fp16 both use the same "
+            "mma.sync/wmma f16 instructions; sm_89 only adds FP8 mma.sync (which Hopper does "
+            "support, so it is not a compatibility problem), but caps shared memory at Ada's "
+            "99 KiB where sm_80's 163 KiB is closer to Hopper's 227 KiB, and needs PTX ISA 8.4 "
+            "(a CUDA 12.4+ driver). Neither uses Hopper's wgmma/TMA, so expect well below peak."
+        ),
+    ),
+)
+
+
+def get_target(name: str) -> Target:
+    """The target called `name`; ValueError naming the known ones otherwise."""
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise ValueError(f"unknown target {name!r}; expected one of: {', '.join(TARGETS)}") from None
+
+
+def compile_flags(target: Target, *, tuned: bool) -> list[str]:
+    """The iree-compile flags for `target`: plain, or plain + tuned."""
+    return list(target.flags) + (list(target.tuned_flags) if tuned else [])

@@ -1,0 +1,193 @@
+"""Every target in punet.compile.targets compiles, plain and tuned, with the installed iree-compile.
+
+The input is a tiny SDXL-like block exported with iree-turbine (conv2d, group_norm, silu,
+linear, attention, gelu, nearest upsample, cat). GPU targets are cross-compiled: no GPU is
+needed. The `cpu` target's binaries are also run and compared with torch eager.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from punet.compile.targets import TARGETS, Target, compile_flags, get_target
+
+NAMES = list(TARGETS)
+TUNED = [pytest.param(False, id="plain"), pytest.param(True, id="tuned")]
+
+# Targets that cannot take an fp16 model (see their `notes`): compiled from the fp32 export.
+FP32_ONLY = {"vulkan"}
+
+
+class TinyBlock(nn.Module):
+    """The op mix of an SDXL UNet block (incl. a 1x1 shortcut conv), at toy size.
+
+    Every matmul dimension is >= 16 (Vulkan's cooperative-matrix kernels need it), and
+    the 8x8 feature map is deliberately not a multiple of 16 wide.
+    """
+
+    def __init__(self, channels: int = 32, ctx_dim: int = 16, heads: int = 2, decompose_attention: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.decompose_attention = decompose_attention
+        self.conv_in = nn.Conv2d(4, channels, 3, padding=1)
+        self.norm = nn.GroupNorm(4, channels)
+        self.to_q = nn.Linear(channels, channels, bias=False)
+        self.to_kv = nn.Linear(ctx_dim, 2 * channels, bias=False)
+        self.to_out = nn.Linear(channels, channels)
+        self.shortcut = nn.Conv2d(channels, channels, 1)
+        self.conv_out = nn.Conv2d(2 * channels, 4, 3, padding=1)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.decompose_attention:
+            scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+            return torch.matmul(torch.softmax(scores, dim=-1), v)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        b, c, hh, ww = h.shape
+        tokens = F.silu(self.norm(h)).reshape(b, c, hh * ww).transpose(1, 2)
+        d = c // self.heads
+        q = self.to_q(tokens).reshape(b, -1, self.heads, d).transpose(1, 2)
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        k = k.reshape(b, -1, self.heads, d).transpose(1, 2)
+        v = v.reshape(b, -1, self.heads, d).transpose(1, 2)
+        a = self.attention(q, k, v).transpose(1, 2).reshape(b, -1, c)
+        tokens = tokens + F.gelu(self.to_out(a))
+        y = tokens.transpose(1, 2).reshape(b, c, hh, ww)
+        skip = self.shortcut(h)
+        y = torch.cat([F.interpolate(y, scale_factor=2.0, mode="nearest"), F.interpolate(skip, scale_factor=2.0)], dim=1)
+        return self.conv_out(y)
+
+
+def tiny_case(dtype: torch.dtype, decompose_attention: bool) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    torch.manual_seed(0)
+    model = TinyBlock(decompose_attention=decompose_attention).to(dtype).eval()
+    args = (torch.randn(1, 4, 8, 8, dtype=dtype), torch.randn(1, 16, 16, dtype=dtype))
+    return model, args
+
+
+def iree_compile_tool() -> str:
+    from iree.compiler.tools.binaries import find_tool
+
+    return find_tool("iree-compile")
+
+
+def variant(target: Target) -> tuple[torch.dtype, bool]:
+    return (torch.float32 if target.name in FP32_ONLY else torch.float16), target.decompose_attention
+
+
+@pytest.fixture(scope="module")
+def mlirs(tmp_path_factory) -> dict[tuple[torch.dtype, bool], Path]:
+    """The tiny block exported once per (dtype, decompose_attention) that some target needs."""
+    from iree.turbine import aot
+
+    root = tmp_path_factory.mktemp("targets_mlir")
+    out = {}
+    for key in sorted({variant(t) for t in TARGETS.values()}, key=str):
+        dtype, decompose = key
+        model, args = tiny_case(dtype, decompose)
+        path = root / f"tiny_{str(dtype).split('.')[-1]}_{'decomposed' if decompose else 'sdpa'}.mlir"
+        aot.export(model, args=args).save_mlir(path)
+        out[key] = path
+    return out
+
+
+def _compile(tool: str, mlir: Path, vmfb: Path, flags: list[str]) -> tuple[list[str], subprocess.CompletedProcess]:
+    cmd = [tool, str(mlir), "-o", str(vmfb), *flags]
+    return cmd, subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def compiled(request, mlirs, tmp_path_factory):
+    """compiled(name, tuned) -> vmfb path, asserting that iree-compile succeeded.
+
+    iree-compile is mostly single-threaded on these tiny inputs, so every (target, variant)
+    the selected tests need is started up front, os.cpu_count() at a time (not under
+    pytest-xdist, whose workers each run only part of the module).
+    """
+    root = tmp_path_factory.mktemp("targets_vmfb")
+    tool = iree_compile_tool()
+
+    def submit(pool, name: str, tuned: bool):
+        target = TARGETS[name]
+        vmfb = root / f"{name}_{'tuned' if tuned else 'plain'}.vmfb"
+        return vmfb, pool.submit(_compile, tool, mlirs[variant(target)], vmfb, compile_flags(target, tuned=tuned))
+
+    pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1))
+    jobs = {}
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        for item in request.session.items:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            if item.module is request.module and "tuned" in params:
+                key = (params.get("name", "cpu"), params["tuned"])
+                if key not in jobs:
+                    jobs[key] = submit(pool, *key)
+
+    def get(name: str, tuned: bool) -> Path:
+        if (name, tuned) not in jobs:
+            jobs[(name, tuned)] = submit(pool, name, tuned)
+        vmfb, future = jobs[(name, tuned)]
+        cmd, proc = future.result()
+        errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()][:5]
+        assert proc.returncode == 0, f"iree-compile failed for {name}: {' '.join(cmd)}\n" + "\n".join(
+            errors or proc.stderr.splitlines()[-20:]
+        )
+        assert vmfb.is_file() and vmfb.stat().st_size > 0, f"{name}: no vmfb written"
+        return vmfb
+
+    yield get
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.parametrize("tuned", TUNED)
+@pytest.mark.parametrize("name", NAMES)
+def test_target_compiles(name: str, tuned: bool, compiled) -> None:
+    assert compiled(name, tuned).stat().st_size > 0
+
+
+@pytest.mark.parametrize("tuned", TUNED)
+def test_cpu_matches_torch(tuned: bool, compiled) -> None:
+    import iree.runtime as ireert
+
+    target = get_target("cpu")
+    dtype, decompose = variant(target)
+    model, args = tiny_case(dtype, decompose)
+    module = ireert.load_vm_flatbuffer_file(str(compiled("cpu", tuned)), driver=target.driver)
+    result = module.main(*[a.numpy() for a in args])
+    actual = torch.from_numpy(np.asarray(result.to_host() if hasattr(result, "to_host") else result))
+    with torch.no_grad():
+        expected = model.float()(*[a.float() for a in args])
+    assert actual.dtype == dtype and actual.shape == expected.shape
+    # fp16 end to end against an fp32 reference.
+    torch.testing.assert_close(actual.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_table_shape() -> None:
+    for name, t in TARGETS.items():
+        assert t.name == name
+        assert t.backend in {"llvm-cpu", "rocm", "vulkan-spirv", "cuda"}
+        assert t.driver in {"local-task", "hip", "vulkan", "cuda"}
+        assert any(f.startswith("--iree-hal-target-device=") for f in t.flags), name
+        if t.backend == "vulkan-spirv":  # SPIR-V cannot compile iree_linalg_ext.online_attention
+            assert t.decompose_attention, name
+        assert compile_flags(t, tuned=False) == list(t.flags)
+        assert compile_flags(t, tuned=True) == list(t.flags) + list(t.tuned_flags)
+    for required in ("cpu", "cpu-generic", "gfx942", "gfx950", "gfx1100", "gfx1201", "vulkan", "vulkan-rdna3",
+                     "vulkan-ampere", "sm_80", "sm_86", "sm_89", "hopper"):
+        assert required in TARGETS
+
+
+def test_unknown_target_raises() -> None:
+    with pytest.raises(ValueError, match="no-such-gpu") as info:
+        get_target("no-such-gpu")
+    assert "gfx942" in str(info.value)
