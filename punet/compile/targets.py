@@ -14,7 +14,8 @@ and shark-ai's own SDXL UNet configurations, rewritten for 3.13:
 * IREE CI, iree-org/iree-test-suites
   sharktank_models/quality_tests/sdxl/unet_fp16_rocm.json and
   unet_fp16_960_1024_rocm.json (SDXL fp16 UNet on MI300), and the
-  experimental/regression_suite SDXL tests (their CPU_COMPILE_FLAGS);
+  experimental/regression_suite SDXL tests (their CPU_COMPILE_FLAGS; the CPU
+  sets below are trimmed to what measured well: docs/cpu-tuning.md);
 * shark-ai, shortfin/python/shortfin_apps/sd/examples/sdxl_flags_gfx942.txt,
   sdxl_flagfile_gfx1100.txt, sdxl_flagfile_gfx1201.txt ("all" + "unet");
 * SHARK-ModelDev turbine_models/custom_models/sd_inference/utils.py
@@ -181,8 +182,9 @@ _CUDA_TUNED = _GPU_COMMON + (_FP16_UNET_PREPROCESS,)
 # then overflows its 16 KiB of shared memory), aggressive transpose propagation
 # and matmul generalization (the cooperative-matrix targets -- rdna3/rdna4/
 # ampere/ada -- then fail: "no GPU subgroup mma compute ops generated"), and
-# the preprocessing pipeline (pad-to-intrinsics pads for MMA intrinsics the
-# SPIR-V path does not use the same way).
+# pad-to-intrinsics (it pads for MMA intrinsics the SPIR-V path does not use the
+# same way; besides, a second --iree-preprocessing-pass-pipeline would replace
+# the NHWC pipeline the plain Vulkan set needs).
 _VULKAN_TUNED = (
     "--iree-opt-const-eval=false",
     "--iree-opt-strip-assertions=true",
