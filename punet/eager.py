@@ -131,9 +131,7 @@ def run_reference(
 ) -> dict[str, Any]:
     """diffusers' output for the inputs file; writes {"sample": noise} to `output`."""
     model = diffusers_model(source, dtype, progress)
-    from .config import UNetConfig as _C
-
-    config = _C.from_dict(dict(model.config))
+    config = UNetConfig.from_dict(dict(model.config))
     tensors = load_tensors(inputs)
     sig = signature_from_inputs(config, tensors, str(inputs))
     out = diffusers_call(model, cast_inputs(tensors, sig, dtype))

@@ -14,7 +14,6 @@ from punet.builtin import TINY_CONFIGS, config_dict, random_state_dict
 
 FAMILIES = list(TINY_CONFIGS)
 CONFIG_DIR = Path(__file__).parent / "data" / "configs"
-SHARED_CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
