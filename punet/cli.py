@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,54 @@ from pathlib import Path
 from .errors import PunetError, UsageError
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+TORCH_DEVICES = ("cpu", "cuda")
+DEFAULT_SHAPE = {"batch": 1, "height": 1024, "width": 1024, "tokens": 77}
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
+        return v
+
+    return parse
+
+
+def _pixels(text: str) -> int:
+    from .signature import LATENT_SCALE
+
+    v = _int_at_least(LATENT_SCALE)(text)
+    if v % LATENT_SCALE:
+        raise argparse.ArgumentTypeError(f"expected a multiple of {LATENT_SCALE} pixels, got {v}")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return v
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    parts = []
+    for dist in ("iree-base-compiler", "iree-base-runtime", "iree-turbine", "torch"):
+        try:
+            parts.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{dist} not installed")
+    return f"punet {__version__} ({', '.join(parts)})"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,7 +83,24 @@ def _console():
 
 
 def _say(msg: str) -> None:
-    _console().print(f"[dim]·[/dim] {msg}")
+    _console().print(f"[dim]·[/dim] {msg}", soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _working(text: str):
+    """A spinner with the elapsed time while a long step runs (nothing when stderr is not a terminal)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn(text), TimeElapsedColumn(), console=_console(), transient=True) as bar:
+        bar.add_task(text, total=None)
+        yield
+
+
+def _stdout_console():
+    """Tables on stdout; off a terminal, wide enough that paths and commands are never cut."""
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 240)
 
 
 # ---- verbs ---------------------------------------------------------------------
@@ -43,8 +109,12 @@ def _say(msg: str) -> None:
 def cmd_import(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from .fileio import check_output
     from .weights import import_checkpoint
 
+    if Path(args.output).suffix != ".irpa":
+        raise UsageError(f"-o {args.output}: expected a .irpa file name (an IREE parameter archive)")
+    check_output(args.output)
     t0 = time.perf_counter()
     with Progress(
         TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_console(), transient=True
@@ -72,26 +142,64 @@ def cmd_import(args) -> int:
     return 0
 
 
-def _signature_from_args(args):
+def _signature_from_args(args, dtype: str):
     from .signature import Signature
 
-    return Signature(
-        batch=args.batch,
-        height=args.height,
-        width=args.width,
-        dtype=args.dtype or "float32",
-        tokens=args.tokens,
-        cfg=args.cfg,
-    )
+    shape = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in DEFAULT_SHAPE.items()}
+    return Signature(dtype=dtype, cfg=args.cfg, **shape)
+
+
+def _check_shape_args_match(args, module_sig) -> None:
+    """A compiled module has static shapes: a shape flag that disagrees with them is an error, not ignored."""
+    wanted = {k: getattr(args, k) for k in DEFAULT_SHAPE if getattr(args, k) is not None}
+    if args.dtype is not None:
+        wanted["dtype"] = args.dtype
+    if args.cfg:
+        wanted["cfg"] = True
+    for key, value in wanted.items():
+        have = getattr(module_sig, key)
+        if value != have:
+            flag = f"--{key}" if key != "cfg" else "--cfg"
+            raise UsageError(
+                f"{flag} {value if key != 'cfg' else ''}".rstrip()
+                + f": {args.artifact} was compiled for {key} {have} (a compiled module has static shapes; "
+                "export and compile again for other ones)"
+            )
+
+
+def _torch_device(device: str | None) -> str:
+    from .runtime import DEVICES
+
+    device = device or "cpu"
+    if device.split(":")[0] not in TORCH_DEVICES and device in DEVICES:
+        raise UsageError(f"--device {device}: an IREE device; an .irpa runs in torch eager (--device cpu or cuda)")
+    if device.split(":")[0] not in TORCH_DEVICES:
+        raise UsageError(f"--device {device}: expected a torch device for an .irpa (cpu, cuda or cuda:N)")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise PunetError(f"--device {device}: this torch has no usable CUDA device (torch {torch.__version__})")
+    return device
 
 
 def cmd_run(args) -> int:
+    from .fileio import check_output
+
     artifact = Path(args.artifact)
+    check_output(args.output)
+    if args.save_inputs:
+        check_output(args.save_inputs, "--save-inputs")
     if artifact.suffix == ".vmfb":
-        from .runtime import run_vmfb
+        from .runtime import DEVICES, load_build_info, run_vmfb
+        from .signature import Signature
 
         if args.irpa is None:
-            raise UsageError("punet run: a .vmfb needs --irpa PARAMS.irpa")
+            raise UsageError("a .vmfb needs --irpa PARAMS.irpa")
+        device = args.device or "local-task"
+        if device not in DEVICES:
+            raise UsageError(f"--device {device}: expected an IREE device for a .vmfb ({', '.join(DEVICES)})")
+        _check_shape_args_match(args, Signature(**load_build_info(artifact)["signature"]))
         info = run_vmfb(
             artifact,
             args.irpa,
@@ -99,16 +207,16 @@ def cmd_run(args) -> int:
             inputs=args.inputs,
             seed=args.seed,
             save_inputs=args.save_inputs,
-            device=args.device or "local-task",
+            device=device,
+            exact_weights=args.exact_weights,
+            progress=_say,
         )
     elif artifact.suffix == ".irpa":
         from .eager import run_eager
+        from .weights import read_metadata
 
-        sig = None if args.inputs else _signature_from_args(args)
-        if sig is not None and args.dtype is None:
-            from .weights import read_metadata
-
-            sig = type(sig)(sig.batch, sig.height, sig.width, read_metadata(artifact)["dtype"], sig.tokens, sig.cfg)
+        device = _torch_device(args.device)
+        sig = None if args.inputs else _signature_from_args(args, args.dtype or read_metadata(artifact)["dtype"])
         info = run_eager(
             artifact,
             args.output,
@@ -117,10 +225,10 @@ def cmd_run(args) -> int:
             seed=args.seed,
             save_inputs=args.save_inputs,
             dtype=args.dtype,
-            device=args.device or "cpu",
+            device=device,
         )
     else:
-        raise UsageError(f"punet run: {artifact}: expected a .irpa (torch eager) or a .vmfb (IREE)")
+        raise UsageError(f"{artifact}: expected a .irpa (torch eager) or a .vmfb (IREE)")
     sig = info["signature"]
     print(
         f"wrote {args.output}: batch {sig.batch}, {sig.height}x{sig.width}, {info['dtype']}, "
@@ -131,7 +239,9 @@ def cmd_run(args) -> int:
 
 def cmd_reference(args) -> int:
     from .eager import run_reference
+    from .fileio import check_output
 
+    check_output(args.output)
     run_reference(args.source, args.output, inputs=args.inputs, dtype=args.dtype, progress=_say)
     print(f"wrote {args.output} (diffusers, {args.dtype})")
     return 0
@@ -151,22 +261,16 @@ def cmd_compare(args) -> int:
     return 0 if ok else 1
 
 
-def _shape_sig(args, dtype: str):
-    from .signature import Signature
-
-    return Signature(args.batch, args.height, args.width, dtype, args.tokens, args.cfg)
-
-
 def cmd_export(args) -> int:
     from .export import export_mlir
     from .weights import read_metadata
 
     dtype = args.dtype or read_metadata(args.irpa)["dtype"]
-    with _console().status("exporting with iree-turbine"):
+    with _working("exporting with iree-turbine"):
         res = export_mlir(
             args.irpa,
             args.output,
-            sig=_shape_sig(args, dtype),
+            sig=_signature_from_args(args, dtype),
             decompose_attention=args.decompose_attention,
             force=args.force,
             progress=_say,
@@ -179,17 +283,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from .compile import TARGETS, compile_flags, compile_vmfb
+    from .compile import compile_vmfb
 
     if args.list_targets:
-        for t in TARGETS.values():
-            print(f"{t.name:14} {t.driver:11} {t.description}")
-            print(f"{'':14} plain: {' '.join(compile_flags(t, tuned=False))}")
-            print(f"{'':14} tuned: +{' '.join(t.tuned_flags) or ' (none)'}")
+        print_targets()
         return 0
-    if not args.mlir or not args.target:
-        raise UsageError("punet compile needs MLIR and --target (or --list-targets)")
-    with _console().status(f"iree-compile for {args.target}"):
+    if not args.mlir:
+        raise UsageError("needs an exported .mlir (or --list-targets)")
+    with _working(f"iree-compile for {args.target}"):
         res = compile_vmfb(
             args.mlir,
             args.target,
@@ -206,9 +307,45 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def print_targets() -> None:
+    """The target table: per target, the device, the dtypes it takes, attention form and the tuned set."""
+    from rich.table import Table
+
+    from .compile import TARGETS, compile_flags
+
+    short = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+    table = Table(title="punet compile targets (IREE 3.13): `punet compile X.mlir --target NAME [--plain]`")
+    for col in ("target", "device", "dtypes", "tuned set for", "attention (tuned / plain)", "description"):
+        table.add_column(col, overflow="fold")
+    for t in TARGETS.values():
+        table.add_row(
+            t.name,
+            t.driver,
+            " ".join(short[d] for d in t.dtypes),
+            " ".join(short[d] for d in t.tuned_dtypes),
+            f"{'decomposed' if t.decompose_attention else 'as exported'} / "
+            f"{'decomposed' if t.decompose_attention_plain else 'as exported'}",
+            t.description,
+        )
+    out = _stdout_console()
+    out.print(table)
+    out.print("flags (plain set; the tuned set adds the second line):")
+    for t in TARGETS.values():
+        out.print(f"  {t.name}: {' '.join(compile_flags(t, tuned=False))}", soft_wrap=True)
+        out.print(f"  {'':{len(t.name)}}  + {' '.join(t.tuned_flags) or '(nothing)'}", soft_wrap=True)
+
+
 def cmd_bench(args) -> int:
     from .runtime.bench import benchmark
 
+    from .runtime import DEVICES
+
+    if args.device not in DEVICES:
+        raise UsageError(f"--device {args.device}: expected an IREE device ({', '.join(DEVICES)})")
+    if args.json:
+        from .fileio import check_output
+
+        check_output(args.json, "--json")
     with _console().status("benchmarking") as status:
         res = benchmark(
             args.vmfb,
@@ -218,7 +355,9 @@ def cmd_bench(args) -> int:
             repeat=args.repeat,
             threads=args.threads,
             vs_eager=args.vs_eager,
+            exact_weights=args.exact_weights,
             progress=lambda m: status.update(f"benchmarking: {m}"),
+            say=_say,
         )
     print_bench(res)
     if args.json:
@@ -229,7 +368,6 @@ def cmd_bench(args) -> int:
 
 
 def print_bench(res) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     shapes = ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in res.inputs)
@@ -239,16 +377,16 @@ def print_bench(res) -> None:
     rows = [("IREE " + res.target, res.iree)] + ([("torch eager", res.eager)] if res.eager else [])
     for name, s in rows:
         table.add_row(name, f"{s.min:.1f}", f"{s.median:.1f}", f"{s.p90:.1f}", f"{s.mean:.1f}", str(len(s.samples_ms)))
-    out = Console(highlight=False)
+    out = _stdout_console()
     out.print(table)
-    out.print(f"inputs: {shapes}; dtype {res.dtype}; host {res.host.get('cpu')} ({res.host.get('cores')} cores)")
+    out.print(f"inputs: {shapes}; dtype {res.dtype}; host {res.host.get('cpu')} ({res.host.get('cores')} cores)",
+              soft_wrap=True)
     if res.eager:
         out.print(f"IREE / torch eager speed: {res.speedup_vs_eager:.2f}x (median, >1 means IREE is faster)")
-    out.print(f"equivalent: {res.command}")
+    print(f"equivalent: {res.command}", flush=True)
 
 
 def cmd_demo(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from .pipeline import DEFAULT_SOURCE, demo
@@ -257,7 +395,7 @@ def cmd_demo(args) -> int:
         args.source or DEFAULT_SOURCE,
         target=args.target,
         out_dir=args.out_dir,
-        batch=args.batch,
+        batch=args.batch or 1,
         height=args.height,
         width=args.width,
         dtype=args.dtype,
@@ -266,11 +404,12 @@ def cmd_demo(args) -> int:
         repeat=args.repeat,
         threads=args.threads,
         progress=_say,
+        working=_working,
     )
-    out = Console(highlight=False)
+    out = _stdout_console()
     stages = Table(title="punet demo: stages")
     for col in ("stage", "seconds", "artifact", "size", "note"):
-        stages.add_column(col)
+        stages.add_column(col, overflow="fold")
     for r in res.stages:
         size = f"{r.size_bytes / 2**20:.1f} MiB" if r.size_bytes is not None else ""
         stages.add_row(r.stage, f"{r.seconds:.1f}", r.artifact, size, r.note)
@@ -287,6 +426,8 @@ def cmd_demo(args) -> int:
         out.print(checks)
     if res.bench is not None:
         print_bench(res.bench)
+    if res.compile_only:
+        print(f"only compilation was checked: {res.compile_only}", flush=True)
     if not res.ok:
         print("punet demo: error: a numerical check failed (see the table above)", file=sys.stderr)
         return 1
@@ -296,11 +437,14 @@ def cmd_demo(args) -> int:
 # ---- parser --------------------------------------------------------------------
 
 
-def _add_shape_args(p, *, height: int = 1024, width: int = 1024) -> None:
-    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--height", type=int, default=height, help=f"image height in pixels (default {height})")
-    p.add_argument("--width", type=int, default=width, help=f"image width in pixels (default {width})")
-    p.add_argument("--tokens", type=int, default=77, help="text tokens (default 77)")
+def _add_shape_args(p, *, height: int | None = None, width: int | None = None) -> None:
+    """Shape flags; None means "not given" (a .vmfb's own shapes, else DEFAULT_SHAPE)."""
+    h = height or DEFAULT_SHAPE["height"]
+    w = width or DEFAULT_SHAPE["width"]
+    p.add_argument("--batch", type=_int_at_least(1), default=None, help="batch size (default 1)")
+    p.add_argument("--height", type=_pixels, default=height, help=f"image height in pixels, a multiple of 8 (default {h})")
+    p.add_argument("--width", type=_pixels, default=width, help=f"image width in pixels, a multiple of 8 (default {w})")
+    p.add_argument("--tokens", type=_int_at_least(1), default=None, help="text tokens (default 77)")
     p.add_argument("--cfg", action="store_true", help="classifier-free guidance step (2B text rows, guided noise)")
 
 
@@ -312,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `punet VERB --help` for each verb's options and an example.",
     )
     parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=_versions())
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
 
     def verb(name: str, help: str, example: str):
@@ -335,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
         "source",
         help="local UNet folder, pipeline folder with unet/, Hugging Face repo id, or builtin:tiny-sdxl",
     )
-    p.add_argument("-o", "--output", required=True, help="output .irpa")
+    p.add_argument("-o", "--output", required=True, help="output .irpa (an IREE parameter archive)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="convert weights (default: keep the checkpoint's)")
     p.add_argument("--revision", help="hub branch, tag or commit (recorded as the resolved commit)")
     p.add_argument("--variant", help="weights variant, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors")
@@ -352,8 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", help="inputs safetensors (keys from punet/signature.py)")
     p.add_argument("--save-inputs", help="also write the inputs used")
     p.add_argument("--seed", type=int, default=0, help="seed for generated inputs (default 0)")
-    p.add_argument("--device", help="torch device (cpu) or IREE device (local-task, local-sync, hip, vulkan, cuda)")
+    p.add_argument("--device", help="an .irpa: torch device (cpu, cuda; default cpu); a .vmfb: IREE device "
+                   "(local-task, local-sync, hip, vulkan, cuda; default local-task)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype for eager (default: the .irpa's)")
+    p.add_argument("--exact-weights", action="store_true",
+                   help="a .vmfb: refuse an archive whose weights differ from the one it was exported from")
     _add_shape_args(p)
     p.set_defaults(func=cmd_run)
 
@@ -375,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("a", help="output to check")
     p.add_argument("b", help="reference output")
-    p.add_argument("--rtol", type=float, default=1e-4, help="relative L2 tolerance (default 1e-4)")
+    p.add_argument("--rtol", type=_non_negative_float, default=1e-4, help="relative L2 tolerance (default 1e-4)")
     p.set_defaults(func=cmd_compare)
 
     p = verb(
@@ -386,7 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("irpa", help="parameter archive from `punet import`")
     p.add_argument("-o", "--output", help="output .mlir (default: named by shape and dtype beside the .irpa)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="must equal the .irpa's dtype (default: the .irpa's)")
-    p.add_argument("--decompose-attention", action="store_true", help="attention as matmul + softmax (Vulkan)")
+    p.add_argument(
+        "--decompose-attention",
+        action="store_true",
+        help="attention as matmul + fp32 softmax (not needed: `punet compile` derives it for targets that want it)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date artifact exists")
     _add_shape_args(p)
     p.set_defaults(func=cmd_export)
@@ -397,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
         "punet compile unet_b1_1024x1024_f16.mlir --target gfx942",
     )
     p.add_argument("mlir", nargs="?", help="exported .mlir (with its .signature.json beside it)")
-    p.add_argument("--target", help="target name (see --list-targets)")
+    p.add_argument("--target", default="cpu", help="target name (default cpu; see --list-targets)")
     p.add_argument("-o", "--output", help="output .vmfb (default: <mlir stem>.<target>.vmfb)")
     p.add_argument("--plain", action="store_true", help="the target's plain flags, without the tuned set")
     p.add_argument("--flags-extra", action="append", default=[], metavar="FLAG", help="extra iree-compile flag")
@@ -413,9 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vmfb", help="compiled module")
     p.add_argument("--irpa", required=True, help="its parameter archive")
     p.add_argument("--device", default="local-task", help="IREE device (default local-task)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
-    p.add_argument("--repeat", type=int, default=5, help="timed calls (default 5)")
-    p.add_argument("--threads", type=int, help="CPU threads for IREE and torch (default: all cores)")
+    p.add_argument("--warmup", type=_int_at_least(0), default=1, help="untimed calls first (default 1)")
+    p.add_argument("--repeat", type=_int_at_least(1), default=5, help="timed calls (default 5)")
+    p.add_argument("--threads", type=_int_at_least(1), help="CPU threads for IREE and torch (default: all cores)")
+    p.add_argument("--exact-weights", action="store_true",
+                   help="refuse an archive whose weights differ from the one the module was exported from")
     p.add_argument("--vs-eager", action="store_true", help="alternate with torch eager on the same inputs")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)
@@ -429,8 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="cpu", help="compile target (default cpu)")
     p.add_argument("--out-dir", default="artifacts/demo", help="artifact folder (default artifacts/demo)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="weights and compute dtype")
-    p.add_argument("--repeat", type=int, default=3, help="timed calls in the bench stage (default 3)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--repeat", type=_int_at_least(1), default=3, help="timed calls in the bench stage (default 3)")
+    p.add_argument("--threads", type=_int_at_least(1), help="CPU threads (default: all cores)")
     p.add_argument("--force", action="store_true", help="rebuild every artifact")
     _add_shape_args(p, height=256, width=256)
     p.set_defaults(func=cmd_demo)
@@ -455,6 +609,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"punet {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `punet compile --list-targets | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except OSError as e:  # a file-system failure no stage anticipated: still one line
+        if args.verbose:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"punet {args.verb}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

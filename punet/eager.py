@@ -83,12 +83,16 @@ def diffusers_model(source: str | Path, dtype: str = "float32", progress: Callab
     """diffusers' UNet2DConditionModel from an import source or an .irpa."""
     try:
         from diffusers import UNet2DConditionModel as DiffusersUNet
+        from diffusers.utils import logging as diffusers_logging
     except ImportError:
         raise PunetError(
             "punet reference needs diffusers, the reference implementation: pip install 'punet[test]'"
         ) from None
     from .weights import load_irpa, read_metadata, resolve_source
 
+    # diffusers' notes ("accelerate was not found", "modules that should be kept in float32: []") are
+    # not the user's business here.
+    diffusers_logging.set_verbosity_error()
     torch_dtype = dtype_from_name(dtype)
     source = str(source)
     if source.endswith(".irpa"):

@@ -1,4 +1,4 @@
-"""Atomic file writes and artifact naming shared by every stage."""
+"""Atomic file writes shared by every stage, and the up-front check that an output can be written."""
 
 from __future__ import annotations
 
@@ -10,6 +10,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import PunetError
+
+
+def check_output(path: str | Path, flag: str = "-o") -> Path:
+    """Fail now, in one line, if `path` cannot be written (before any work is done).
+
+    The path must not be a folder, and its nearest existing parent must be a
+    writable folder (atomic_path creates the missing ones).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise PunetError(f"{flag} {path}: is a folder; expected a file name")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PunetError(f"{flag} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PunetError(f"{flag} {path}: cannot write in {parent} (permission denied or read-only)")
+    return path
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -19,15 +40,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     leaves a half-written artifact under the final name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise PunetError(f"{path}: is a folder; expected a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise PunetError(f"cannot write {path}: {e.strerror}") from None
     os.close(fd)
     tmp = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; artifacts get the usual mode
+    mode = 0o666 & ~umask  # mkstemp makes 0600; artifacts get the usual mode
+    os.chmod(tmp, mode)
     try:
         yield tmp
+        os.chmod(tmp, mode)  # writers that recreate the file (safetensors) reset it to 0600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ own CLI verb calls, and re-running with unchanged inputs reuses artifacts.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Any
 
 from .artifacts import irpa_name
 from .compare import TOLERANCE, Comparison, compare_tensors
-from .errors import PunetError
+from .errors import PunetError, UsageError
 from .signature import Signature, make_inputs
 
 DEFAULT_SOURCE = "builtin:tiny-sdxl"
@@ -36,6 +37,7 @@ class DemoResult:
     stages: list[StageRow] = field(default_factory=list)
     checks: list[tuple[str, Comparison, float]] = field(default_factory=list)  # (name, comparison, tolerance)
     bench: Any = None
+    compile_only: str = ""  # why run, compare and bench were skipped (the target's device is not here)
 
     @property
     def ok(self) -> bool:
@@ -76,19 +78,30 @@ def demo(
     threads: int | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    working: Callable[[str], Any] | None = None,
 ) -> DemoResult:
-    from .compile import compile_vmfb, get_target
+    """Every stage on `source`; `working(text)` is a context manager shown while a long stage runs."""
+    from .compile import compile_vmfb, get_target, plan_compile
     from .eager import call_model, cast_inputs
     from .export import export_mlir
+    from .fileio import check_output
     from .runtime import Session, set_threads
     from .runtime.bench import benchmark
     from .weights import load_model
 
     say = progress or (lambda _m: None)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t = get_target(target)
+    busy = working or (lambda _text: contextlib.nullcontext())
+    # Everything that can be refused is refused before the first file is written.
+    try:
+        t = get_target(target)
+    except ValueError as e:
+        raise UsageError(f"--target: {e}") from None
     sig = Signature(batch=batch, height=height, width=width, dtype=dtype, cfg=cfg)
+    config = _source_config(source)
+    if config is not None:  # a size or dtype the target cannot take: refused now, not after the import
+        plan_compile(t, sig, config, tuned=True, decomposed=False)
+    out_dir = Path(out_dir)
+    check_output(out_dir / irpa_name(dtype), "--out-dir")
     result = DemoResult()
 
     def row(stage: str, t0: float, path: Path | None = None, note: str = "") -> None:
@@ -106,24 +119,30 @@ def demo(
     # 2. export
     t0 = time.perf_counter()
     say("[2/6] export (iree-turbine, weights external)")
-    exp = export_mlir(irpa, sig=sig, decompose_attention=t.decompose_attention, force=force, progress=say)
+    with busy("exporting with iree-turbine"):
+        exp = export_mlir(irpa, sig=sig, force=force, progress=say)
     row("export", t0, exp.mlir, "reused" if exp.reused else "")
 
     # 3. compile
     t0 = time.perf_counter()
     say(f"[3/6] compile for {t.name}")
-    comp = compile_vmfb(exp.mlir, t.name, force=force, progress=say)
+    with busy(f"iree-compile for {t.name}"):
+        comp = compile_vmfb(exp.mlir, t.name, force=force, progress=say)
     row("compile", t0, comp.vmfb, "reused" if comp.reused else t.backend)
 
     if t.driver != "local-task":
-        say(f"target {t.name} runs on {t.driver}: skipping run, compare and bench on this host")
+        result.compile_only = (
+            f"target {t.name} runs on the {t.driver} device, not on this host's CPU, so the module was not run, "
+            "compared or benchmarked"
+        )
+        say(result.compile_only)
         return result
 
     # 4. run the compiled module
     t0 = time.perf_counter()
     say(f"[4/6] run {comp.vmfb.name} on local-task")
     set_threads(threads)
-    session = Session.load(comp.vmfb, irpa, "local-task")
+    session = Session.load(comp.vmfb, irpa, "local-task", progress=say)
     tensors = make_inputs(session.config, sig, seed)
     compiled = session(tensors)
     row("run (IREE)", t0, None, f"output {list(compiled.shape)} {dtype}")
@@ -147,9 +166,23 @@ def demo(
     # 6. bench
     t0 = time.perf_counter()
     say(f"[6/6] bench ({repeat} calls after warm-up, side by side with torch eager)")
-    result.bench = benchmark(comp.vmfb, irpa, warmup=1, repeat=repeat, threads=threads, vs_eager=True, seed=seed)
+    with busy("benchmarking"):
+        result.bench = benchmark(comp.vmfb, irpa, warmup=1, repeat=repeat, threads=threads, vs_eager=True, seed=seed)
     row("bench", t0)
     return result
+
+
+def _source_config(source: str):
+    """The config of a builtin or local source without importing it (None for a hub id: known after download)."""
+    from . import builtin
+    from .config import UNetConfig
+
+    if source.startswith(builtin.PREFIX):
+        return UNetConfig.from_dict(builtin.config_dict(source[len(builtin.PREFIX):]))
+    for d in (Path(source), Path(source) / "unet"):
+        if (d / "config.json").is_file():
+            return UNetConfig.from_json(d / "config.json")
+    return None
 
 
 def _has_diffusers() -> bool:

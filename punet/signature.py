@@ -160,6 +160,41 @@ def make_inputs(config: UNetConfig, sig: Signature, seed: int = 0) -> dict[str, 
     return out
 
 
+def deepest_latent(config: UNetConfig, sig: Signature) -> tuple[int, int]:
+    """The (h, w) of the deepest feature map: the latent halved (rounding up) once per downsampling level."""
+    h, w = sig.height // LATENT_SCALE, sig.width // LATENT_SCALE
+    for _ in range(len(config.down_block_types) - 1):
+        h, w = -(-h // 2), -(-w // 2)
+    return h, w
+
+
+def check_fits(config: UNetConfig, sig: Signature) -> None:
+    """Refuse, in one line, an image size the model's levels shrink to a 1-pixel feature map.
+
+    Eager torch runs any size, but IREE 3.13 cannot compile the stride-2
+    convolution that takes a 2x2 map to 1x1 ("'linalg.generic' op inferred
+    input/output operand #1 has shape's dimension #2 to be 4, but found 3").
+    Sizes that do not halve evenly compile and match eager (9 -> 5 -> 3).
+    """
+    levels = len(config.down_block_types)
+    deepest = deepest_latent(config, sig)
+    if min(deepest) >= 2:
+        return
+    key, px = ("height", sig.height) if deepest[0] < 2 else ("width", sig.width)
+    need = 1
+    while True:  # the smallest latent side that stays >= 2 after levels - 1 halvings
+        n = need
+        for _ in range(levels - 1):
+            n = -(-n // 2)
+        if n >= 2:
+            break
+        need += 1
+    raise PunetError(
+        f"{key} {px} px: the latent ({px // LATENT_SCALE}) is halved {levels - 1} times by the model's {levels} "
+        f"levels down to 1x1, which IREE cannot compile; use a {key} of at least {need * LATENT_SCALE} px"
+    )
+
+
 def check_inputs(config: UNetConfig, sig: Signature, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Raise PunetError naming `where` and the key unless `tensors` fit `sig` exactly."""
     specs = sig.inputs(config)

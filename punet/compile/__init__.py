@@ -9,6 +9,7 @@ digest and the signature the runtime checks against).
 from __future__ import annotations
 
 import json
+import re
 import resource
 import shlex
 import subprocess
@@ -28,11 +29,16 @@ from ..artifacts import (
     up_to_date,
     vmfb_name,
 )
+from ..config import UNetConfig
 from ..errors import PunetError, UsageError
-from ..fileio import atomic_path, write_json_atomic, write_text_atomic
+from ..fileio import atomic_path, check_output, write_json_atomic, write_text_atomic
+from ..signature import Signature, check_fits
 from .targets import TARGETS, Target, compile_flags, get_target
 
-__all__ = ["CompileResult", "TARGETS", "Target", "compile_vmfb", "compiler_version", "get_target", "iree_compile"]
+__all__ = [
+    "CompilePlan", "CompileResult", "TARGETS", "Target", "compile_vmfb", "compiler_version", "get_target", "iree_compile",
+    "plan_compile",
+]
 
 
 @dataclass(frozen=True)
@@ -54,19 +60,59 @@ def iree_compile() -> str:
 
 @lru_cache(maxsize=1)
 def compiler_version() -> str:
+    """The compiler's version line, e.g. 'IREE compiler version 3.13.0rc20261016 @ 89ece87b...'."""
     out = subprocess.run([iree_compile(), "--version"], capture_output=True, text=True, check=False)
-    for line in out.stdout.splitlines():
-        if "IREE" in line or "version" in line.lower():
-            return line.strip()
-    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
+    lines = [ln.strip() for ln in out.stdout.splitlines() if ln.strip()]
+    for line in lines:
+        if "compiler version" in line.lower():
+            return line
+    return " ".join(lines) or "unknown"
 
 
 def _first_error(log: str) -> str:
-    for line in log.splitlines():
-        if "error:" in line:
-            return line.strip()[:300]
-    lines = [ln for ln in log.splitlines() if ln.strip()]
-    return lines[-1].strip()[:300] if lines else "no output"
+    """The line of an iree-compile log that says what went wrong."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    for pattern in ("Unknown command line argument", "error:"):
+        for line in lines:
+            if pattern in line:
+                return line[:300]
+    if "Stack dump:" in log:  # a compiler crash: name the innermost IREE function of the backtrace
+        frame = re.search(r"#\d+ 0x[0-9a-f]+ (mlir::iree_compiler::[\w:]+)", log)
+        return "iree-compile crashed" + (f" in {frame.group(1)}" if frame else "") + " (a compiler bug)"
+    return lines[-1][:300] if lines else "no output"
+
+
+@dataclass(frozen=True)
+class CompilePlan:
+    """What compile does with a module for a target, decided before iree-compile runs."""
+
+    tuned: bool  # the flag set used (the tuned set may not apply to the module's dtype)
+    derive_decomposed: bool  # re-export the module with attention as matmul + softmax first
+    attention_reason: str = ""
+    note: str = ""  # one line for the user and the build record, when the plan differs from the request
+
+
+def plan_compile(t: Target, sig: Signature, config: UNetConfig, *, tuned: bool, decomposed: bool) -> CompilePlan:
+    """Refuse what cannot compile (one line naming target, dtype or size), else say how to compile it."""
+    if sig.dtype not in t.dtypes:
+        others = [n for n, o in TARGETS.items() if o.driver == t.driver and sig.dtype in o.dtypes]
+        raise PunetError(
+            f"target {t.name} takes {' or '.join(t.dtypes)}, not {sig.dtype}"
+            + (f" ({t.dtype_reason})" if t.dtype_reason else "")
+            + f"; export {t.dtypes[0]}" + (f", or use {', '.join(others)}" if others else "")
+        )
+    check_fits(config, sig)
+    if not tuned and t.plain_refused:
+        raise PunetError(f"target {t.name} --plain: {t.plain_refused}")
+    note = ""
+    if tuned and sig.dtype not in t.tuned_dtypes:
+        note = (
+            f"the tuned flag set of {t.name} is for {' and '.join(t.tuned_dtypes)} ({t.tuned_dtype_reason}); "
+            f"compiling {sig.dtype} with the plain set"
+        )
+        tuned = False
+    needs = t.decompose_attention if tuned else t.decompose_attention_plain
+    return CompilePlan(tuned, needs and not decomposed, t.attention_reason, note)
 
 
 def compile_vmfb(
@@ -91,13 +137,29 @@ def compile_vmfb(
     if not sig_file.is_file():
         raise PunetError(f"{mlir}: no signature {sig_file.name} beside it (export it with `punet export`)")
     signature = json.loads(sig_file.read_text())
-    if t.decompose_attention and not signature["decompose_attention"]:
-        raise PunetError(
-            f"target {t.name} cannot compile fused attention: export with `punet export ... --decompose-attention`"
-        )
+    sig = Signature(**signature["signature"])
+    plan = plan_compile(t, sig, UNetConfig.from_dict(signature["config"]), tuned=tuned,
+                        decomposed=signature["decompose_attention"])
+    for flag in extra_flags:
+        if not flag.startswith("-"):
+            raise UsageError(f"--flags-extra {flag!r}: expected an iree-compile flag starting with '-'")
     output = Path(output) if output else mlir.parent / vmfb_name(mlir, t.name, tuned)
-    flags = compile_flags(t, tuned=tuned) + list(extra_flags)
-    mlir_digest = sha256_file(mlir)
+    check_output(output)
+    source = mlir
+    if plan.derive_decomposed:
+        from ..export import derive_decomposed
+
+        if progress:
+            progress(
+                f"target {t.name} compiles attention as matmul + softmax ({plan.attention_reason}): "
+                f"re-exporting {mlir.name} decomposed from its signature (no weights needed)"
+            )
+        source = derive_decomposed(mlir, signature, progress=progress).mlir
+        signature = json.loads(signature_path(source).read_text())
+    if plan.note and progress:
+        progress(plan.note)
+    flags = compile_flags(t, tuned=plan.tuned) + list(extra_flags)
+    mlir_digest = sha256_file(source)
     key = build_key(mlir=mlir_digest, flags=flags, compiler=compiler_version(), target=t.name)
     info_path = build_info_path(output)
     if not force and up_to_date(output, info_path, key):
@@ -106,10 +168,10 @@ def compile_vmfb(
 
     log_path = Path(str(output) + ".compile.log")
     if progress:
-        progress(f"compiling {mlir.name} for {t.name} ({t.description}){'' if tuned else ' with plain flags'}")
+        progress(f"compiling {source.name} for {t.name} ({t.description}){'' if plan.tuned else ' with plain flags'}")
     t0 = time.perf_counter()
     with atomic_path(output) as tmp:
-        cmd = [iree_compile(), str(mlir), "-o", str(tmp), *flags]
+        cmd = [iree_compile(), str(source), "-o", str(tmp), *flags]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - t0
         if proc.returncode != 0:
@@ -118,12 +180,12 @@ def compile_vmfb(
                 f"iree-compile failed for target {t.name}: {_first_error(proc.stderr)} (full log: {log_path})"
             )
     log_path.unlink(missing_ok=True)
-    command = [iree_compile(), str(mlir.resolve()), "-o", str(output.resolve()), *flags]
+    command = [iree_compile(), str(source.resolve()), "-o", str(output.resolve()), *flags]
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     write_text_atomic(
         compile_script_path(output),
         f"#!/bin/sh\n# {compiler_version()}; punet {__version__}; target {t.name} "
-        f"({'tuned' if tuned else 'plain'} flags)\n{shlex.join(command)}\n",
+        f"({'tuned' if plan.tuned else 'plain'} flags)\n{shlex.join(command)}\n",
     )
     write_json_atomic(
         info_path,
@@ -134,11 +196,14 @@ def compile_vmfb(
             "target": t.name,
             "backend": t.backend,
             "driver": t.driver,
-            "tuned": tuned,
+            "tuned": plan.tuned,
             "flags": flags,
+            "flag_set_note": plan.note,
+            "attention": "decomposed" if signature["decompose_attention"] else "fused",
+            "exported_from": str(mlir) if source != mlir else None,
             "command": command,
             "compile_seconds": round(seconds, 2),
-            "mlir": {"path": str(mlir), "sha256": mlir_digest},
+            "mlir": {"path": str(source), "sha256": mlir_digest},
             "entry": signature["entry"],
             "signature": signature["signature"],
             "inputs": signature["inputs"],

@@ -53,8 +53,22 @@ class Target:
     description: str  # one line, e.g. "AMD Instinct MI300 (CDNA3)"
     flags: tuple[str, ...]  # plain flag set, incl. --iree-hal-target-device=... and the arch flag
     tuned_flags: tuple[str, ...]  # extra flags appended for the tuned variant
-    decompose_attention: bool = False  # export writes attention as matmul+softmax (Vulkan, CPU data tiling)
+    # Attention as matmul + fp32 softmax (punet's decomposition): with the tuned set, and with the plain
+    # set. `punet compile` re-exports a fused module decomposed (from its signature) when the set needs it.
+    decompose_attention: bool = False
+    decompose_attention_plain: bool = False
+    attention_reason: str = ""
+    # Module dtypes the target takes at all (others are refused before iree-compile), and those its tuned
+    # set is for (others compile with the plain set, said in one line and in the build record).
+    dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+    dtype_reason: str = ""
+    tuned_dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+    tuned_dtype_reason: str = ""
+    plain_refused: str = ""  # why `--plain` is refused for this target (measured wrong output), if it is
     notes: str = ""
+
+    def __post_init__(self):  # the tuned set is never for a dtype the target refuses
+        object.__setattr__(self, "tuned_dtypes", tuple(d for d in self.tuned_dtypes if d in self.dtypes))
 
 
 # ---------------------------------------------------------------------------
@@ -172,8 +186,14 @@ _RDNA4_TUNED = _RDNA3_TUNED + (
 )
 
 # CUDA: IREE has no SDXL CUDA configuration of its own; this is the
-# target-neutral part of the ROCm one (the AMD-only hints left out).
+# target-neutral part of the ROCm one (the AMD-only hints left out). Keep the
+# horizontal fusion of contractions: on an H100 the SDXL CFG step was wrong
+# without it (relative L2 0.165 vs torch; docs/benchmarks.md, GPU runs 2-3).
 _CUDA_TUNED = _GPU_COMMON + (_FP16_UNET_PREPROCESS,)
+_CUDA_PLAIN_REFUSED = (
+    "IREE 3.13's plain CUDA flags miscompile the SDXL UNet (relative L2 1.59 against torch on an H100, "
+    "fused or decomposed attention; docs/benchmarks.md); compile without --plain"
+)
 
 # Vulkan: the target-neutral part minus three flags the SPIR-V path cannot
 # take in 3.13, plus the SD flags of turbine_models' compile_to_vmfb for
@@ -198,6 +218,22 @@ _VULKAN_TUNED = (
     "--iree-flow-inline-constants-max-byte-length=1",
 )
 
+_CPU_ATTENTION = (
+    "IREE 3.13's data tiling cannot compile the fused SDXL attention dispatch ('operations with large vector sizes')"
+)
+_VULKAN_ATTENTION = "the SPIR-V backend cannot compile iree_linalg_ext.online_attention"
+_CUDA_ATTENTION = (
+    "on an H100 the SDXL CFG step ran 2.3x faster with attention as matmul + softmax (203 vs 465 ms), "
+    "and the plain set miscompiled fused attention (docs/benchmarks.md)"
+)
+_FP32_ONLY_VULKAN = (
+    "VP_ANDROID_baseline_2022 has no 16-bit arithmetic or storage and 16 KiB of shared memory"
+)
+
+_VULKAN_NO_BF16 = (
+    "IREE 3.13's SPIR-V backend cannot lower bf16 ('failed to legalize operation vector.bitcast')"
+)
+
 _VULKAN_ATTENTION_NOTE = (
     "Attention must be exported as matmul+softmax: the SPIR-V backend fails on "
     "iree_linalg_ext.online_attention ('result #0 must be variadic of ranked tensor')."
@@ -218,6 +254,7 @@ TARGETS: dict[str, Target] = _table(
         flags=_LLVM_CPU + ("--iree-llvmcpu-target-cpu=host",) + _CPU_ZERO_COPY,
         tuned_flags=_CPU_TUNED,
         decompose_attention=True,
+        attention_reason=_CPU_ATTENTION,
         notes=(
             "The .vmfb uses every feature of the CPU it was compiled on (e.g. AVX-512) and may "
             "crash with an illegal instruction elsewhere; use cpu-generic to ship. "
@@ -239,6 +276,7 @@ TARGETS: dict[str, Target] = _table(
         + _CPU_ZERO_COPY,
         tuned_flags=_CPU_TUNED,
         decompose_attention=True,
+        attention_reason=_CPU_ATTENTION,
         notes=(
             "Portable but slow: no AVX/FMA, and without F16C every fp16<->fp32 conversion is "
             "done in software. --iree-llvmcpu-target-cpu=x86-64-v3 (Haswell/Zen and newer: "
@@ -254,6 +292,10 @@ TARGETS: dict[str, Target] = _table(
         description="AMD Instinct MI300X/MI300A/MI325X (CDNA3)",
         flags=_hip("gfx942"),
         tuned_flags=_CDNA_TUNED + ("--iree-codegen-enable-default-tuning-specs=true",),
+        tuned_dtypes=("float16", "bfloat16"),
+        tuned_dtype_reason=(
+            "with it, fp32 3x3 convolutions exceed the 64 KiB of shared memory: 'uses 81920 bytes of shared memory'"
+        ),
         notes=(
             "Tuned = IREE CI unet_fp16_rocm.json. The compiler ships a gfx942 tuning spec "
             "with SDXL UNet attention/matmul configs, off by default; tuned turns it on."
@@ -300,6 +342,10 @@ TARGETS: dict[str, Target] = _table(
         flags=_vulkan("vp_android_baseline_2022"),
         tuned_flags=_VULKAN_TUNED,
         decompose_attention=True,
+        decompose_attention_plain=True,
+        attention_reason=_VULKAN_ATTENTION,
+        dtypes=("float32",),
+        dtype_reason=_FP32_ONLY_VULKAN,
         notes=(
             "vp_android_baseline_2022 is the only vendor-neutral Vulkan target IREE 3.13 knows "
             "(`generic`/`unknown` are rejected: \"Unknown Vulkan target\"). It assumes no fp16 "
@@ -318,6 +364,10 @@ TARGETS: dict[str, Target] = _table(
         flags=_vulkan("rdna2"),
         tuned_flags=_VULKAN_TUNED,
         decompose_attention=True,
+        decompose_attention_plain=True,
+        attention_reason=_VULKAN_ATTENTION,
+        dtypes=("float32", "float16"),
+        dtype_reason=_VULKAN_NO_BF16,
         notes=_VULKAN_ATTENTION_NOTE,
     ),
     Target(
@@ -328,6 +378,10 @@ TARGETS: dict[str, Target] = _table(
         flags=_vulkan("rdna3"),
         tuned_flags=_VULKAN_TUNED,
         decompose_attention=True,
+        decompose_attention_plain=True,
+        attention_reason=_VULKAN_ATTENTION,
+        dtypes=("float32", "float16"),
+        dtype_reason=_VULKAN_NO_BF16,
         notes=_VULKAN_ATTENTION_NOTE,
     ),
     Target(
@@ -338,6 +392,10 @@ TARGETS: dict[str, Target] = _table(
         flags=_vulkan("rdna4"),
         tuned_flags=_VULKAN_TUNED,
         decompose_attention=True,
+        decompose_attention_plain=True,
+        attention_reason=_VULKAN_ATTENTION,
+        dtypes=("float32", "float16"),
+        dtype_reason=_VULKAN_NO_BF16,
         notes=_VULKAN_ATTENTION_NOTE,
     ),
     Target(
@@ -348,6 +406,10 @@ TARGETS: dict[str, Target] = _table(
         flags=_vulkan("ampere"),
         tuned_flags=_VULKAN_TUNED,
         decompose_attention=True,
+        decompose_attention_plain=True,
+        attention_reason=_VULKAN_ATTENTION,
+        dtypes=("float32", "float16"),
+        dtype_reason=_VULKAN_NO_BF16,
         notes=(
             "Uses cooperative-matrix (16x16x16) kernels; IREE 3.13 fails on a matmul with a "
             "dimension below 16 ('no GPU subgroup mma compute ops generated'), e.g. a toy "
@@ -363,6 +425,10 @@ TARGETS: dict[str, Target] = _table(
         flags=_vulkan("sm_89"),
         tuned_flags=_VULKAN_TUNED,
         decompose_attention=True,
+        decompose_attention_plain=True,
+        attention_reason=_VULKAN_ATTENTION,
+        dtypes=("float32", "float16"),
+        dtype_reason=_VULKAN_NO_BF16,
         notes="Same cooperative-matrix caveat as vulkan-ampere. " + _VULKAN_ATTENTION_NOTE,
     ),
     # --------------------------------------------------------------- CUDA
@@ -373,6 +439,10 @@ TARGETS: dict[str, Target] = _table(
         description="NVIDIA A100 / A30 (Ampere, sm_80)",
         flags=_cuda("sm_80"),
         tuned_flags=_CUDA_TUNED,
+        decompose_attention=True,
+        decompose_attention_plain=True,
+        attention_reason=_CUDA_ATTENTION,
+        plain_refused=_CUDA_PLAIN_REFUSED,
         notes="PTX ISA 7.6 for sm_80, JIT-compiled by the driver at load.",
     ),
     Target(
@@ -382,6 +452,10 @@ TARGETS: dict[str, Target] = _table(
         description="NVIDIA RTX 30 / A10 / A40 (Ampere, sm_86)",
         flags=_cuda("sm_86"),
         tuned_flags=_CUDA_TUNED,
+        decompose_attention=True,
+        decompose_attention_plain=True,
+        attention_reason=_CUDA_ATTENTION,
+        plain_refused=_CUDA_PLAIN_REFUSED,
         notes=(
             "IREE 3.13 describes sm_86 with sm_80's 163 KiB shared-memory budget; the chip allows "
             "99 KiB per block, so a kernel choosing more would fail to launch (not seen on SD shapes)."
@@ -394,6 +468,10 @@ TARGETS: dict[str, Target] = _table(
         description="NVIDIA RTX 40 / L4 / L40 (Ada Lovelace, sm_89)",
         flags=_cuda("sm_89"),
         tuned_flags=_CUDA_TUNED,
+        decompose_attention=True,
+        decompose_attention_plain=True,
+        attention_reason=_CUDA_ATTENTION,
+        plain_refused=_CUDA_PLAIN_REFUSED,
         notes="PTX ISA 8.4 (driver for CUDA 12.4 or newer); adds FP8 mma.sync, unused by fp16 models.",
     ),
     Target(
@@ -403,6 +481,10 @@ TARGETS: dict[str, Target] = _table(
         description="NVIDIA H100 / H200 / GH200 (Hopper, sm_90) via sm_80 PTX",
         flags=_cuda("sm_80"),
         tuned_flags=_CUDA_TUNED,
+        decompose_attention=True,
+        decompose_attention_plain=True,
+        attention_reason=_CUDA_ATTENTION,
+        plain_refused=_CUDA_PLAIN_REFUSED,
         notes=(
             "IREE 3.13 cannot target Hopper: --iree-cuda-target=sm_90/sm_90a/sm_100 fail with "
             "'missing GPU target in #hal.executable.target' (iree-org/iree#22147) and "

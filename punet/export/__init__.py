@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,10 +22,10 @@ from .. import __version__
 from ..artifacts import build_key, mlir_name, signature_path, up_to_date
 from ..config import UNetConfig
 from ..errors import PunetError
-from ..fileio import atomic_path, write_json_atomic
-from ..signature import SCOPE, Signature, dtype_from_name
+from ..fileio import atomic_path, check_output, write_json_atomic
+from ..signature import SCOPE, Signature, check_fits, dtype_from_name
 
-__all__ = ["ExportResult", "export_mlir", "export_module"]
+__all__ = ["ExportResult", "derive_decomposed", "export_mlir", "export_module"]
 
 
 class _Entry(nn.Module):
@@ -83,7 +84,12 @@ def export_mlir(
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
-    """Export the UNet described by `irpa` at the static shapes of `sig`."""
+    """Export the UNet described by `irpa` at the static shapes of `sig`.
+
+    Only the archive's config and dtype matter: the weights stay external, so
+    the build key (and the cache) ignores them, and an archive of the same
+    architecture with other weights (a fine-tune) reuses the same MLIR.
+    """
     from ..weights import read_metadata
 
     irpa = Path(irpa)
@@ -94,17 +100,51 @@ def export_mlir(
             f"re-import with `punet import ... --dtype {sig.dtype}` (one archive per dtype)"
         )
     config = UNetConfig.from_dict(meta["config"])
+    check_fits(config, sig)
     output = Path(output) if output else irpa.parent / mlir_name(sig, decompose_attention)
+    check_output(output)
+    provenance = {"path": str(irpa), "weights_sha256": meta["weights_sha256"], "source": meta["source"]}
+    return _export(meta["config"], sig, decompose_attention, output, provenance, force=force, progress=progress)
+
+
+def derive_decomposed(mlir: str | Path, signature: dict[str, Any], progress=None) -> ExportResult:
+    """The decomposed-attention twin of an exported module, re-exported from its signature file.
+
+    Needs no weights: the signature holds the config, the shapes and the
+    archive's provenance. Written beside `mlir` as `<stem>_decomposed.mlir`
+    and reused while up to date.
+    """
+    mlir = Path(mlir)
+    sig = Signature(**signature["signature"])
+    output = mlir.with_name(f"{mlir.stem}_decomposed.mlir")
+    return _export(signature["config"], sig, True, output, signature["irpa"], force=False, progress=progress)
+
+
+def _export(
+    config_dict: dict[str, Any],
+    sig: Signature,
+    decompose_attention: bool,
+    output: Path,
+    provenance: dict[str, Any],
+    *,
+    force: bool,
+    progress: Callable[[str], None] | None,
+) -> ExportResult:
+    config = UNetConfig.from_dict(config_dict)
     sig_path = signature_path(output)
     key = build_key(
-        weights=meta["weights_sha256"], sig=sig.to_dict(), decomposed=decompose_attention, punet=__version__
+        config=config.to_dict(), sig=sig.to_dict(), decomposed=decompose_attention, punet=__version__,
+        torch=torch.__version__, turbine=_turbine_version(),
     )
     if not force and up_to_date(output, sig_path, key):
         return ExportResult(output, sig_path, True, 0.0)
 
     t0 = time.perf_counter()
     if progress:
-        progress(f"exporting {sig.entry} (batch {sig.batch}, {sig.height}x{sig.width}, {sig.dtype}) with iree-turbine")
+        progress(
+            f"exporting {sig.entry} (batch {sig.batch}, {sig.height}x{sig.width}, {sig.dtype}"
+            f"{', attention decomposed' if decompose_attention else ''}) with iree-turbine"
+        )
     exported = export_module(config, sig, decompose_attention)
     with atomic_path(output) as tmp:
         exported.save_mlir(str(tmp))
@@ -119,9 +159,18 @@ def export_mlir(
             "outputs": [{"name": o.name, "shape": list(o.shape), "dtype": o.dtype} for o in [sig.output(config)]],
             "parameter_scope": SCOPE,
             "decompose_attention": decompose_attention,
-            "irpa": {"path": str(irpa), "weights_sha256": meta["weights_sha256"], "source": meta["source"]},
-            "config": meta["config"],
+            "irpa": provenance,
+            "config": config_dict,
             "build_key": key,
         },
     )
     return ExportResult(output, sig_path, False, time.perf_counter() - t0)
+
+
+def _turbine_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("iree-turbine")
+    except PackageNotFoundError:
+        return "unknown"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,22 @@ def load_build_info(vmfb: str | Path) -> dict[str, Any]:
         raise PunetError(f"{info_path}: malformed JSON") from None
 
 
+def check_archive_fits(info: dict[str, Any], meta: dict[str, Any], vmfb: Path, irpa: Path) -> None:
+    """Refuse an archive whose architecture or dtype is not the one the module was exported for.
+
+    punet's import checks every tensor against the archive's config, so an
+    equal config and dtype mean equal keys, shapes and dtypes.
+    """
+    if meta["dtype"] != info["signature"]["dtype"]:
+        raise PunetError(f"{irpa}: weights are {meta['dtype']}, {vmfb.name} takes {info['signature']['dtype']}")
+    if UNetConfig.from_dict(meta["config"]) != UNetConfig.from_dict(info["config"]):
+        mine, theirs = UNetConfig.from_dict(meta["config"]).to_dict(), UNetConfig.from_dict(info["config"]).to_dict()
+        diff = [k for k in theirs if mine.get(k) != theirs.get(k)]
+        raise PunetError(
+            f"{irpa}: another architecture than {vmfb.name} was exported for (config differs in: {', '.join(diff)})"
+        )
+
+
 def set_threads(threads: int | None) -> None:
     """Worker threads of the local-task device (process wide; before the first Session)."""
     if threads:
@@ -69,12 +86,20 @@ class Session:
 
     @classmethod
     def load(
-        cls, vmfb: str | Path, irpa: str | Path, device: str = "local-task", verify_weights: bool = True
+        cls,
+        vmfb: str | Path,
+        irpa: str | Path,
+        device: str = "local-task",
+        exact_weights: bool = False,
+        progress: Callable[[str], None] | None = None,
     ) -> "Session":
         """Load `vmfb` with parameters from `irpa` on `device`.
 
-        `verify_weights=False` accepts an archive of the same architecture
-        with other weights (e.g. random weights regenerated elsewhere).
+        The archive must hold the architecture and dtype the module was
+        exported for (its config and every tensor's shape); its weights may
+        differ from the ones at export (a fine-tune, weights regenerated
+        elsewhere): that is reported through `progress`, and refused only
+        with `exact_weights`.
         """
         import iree.runtime as rt
 
@@ -83,12 +108,17 @@ class Session:
         vmfb, irpa = Path(vmfb), Path(irpa)
         info = load_build_info(vmfb)
         meta = read_metadata(irpa)
+        check_archive_fits(info, meta, vmfb, irpa)
         want = info["irpa"]["weights_sha256"]
-        if verify_weights and meta["weights_sha256"] != want:
-            raise PunetError(
-                f"{irpa}: weights digest {meta['weights_sha256'][:12]} does not match the one {vmfb.name} "
-                f"was exported from ({want[:12]}, {info['irpa']['path']})"
+        if meta["weights_sha256"] != want:
+            msg = (
+                f"{irpa.name}: weights digest {meta['weights_sha256'][:12]} differs from the archive "
+                f"{vmfb.name} was exported from ({want[:12]}, {info['irpa']['path']})"
             )
+            if exact_weights:
+                raise PunetError(msg + " and --exact-weights was given")
+            if progress:
+                progress(msg + ": same architecture, running with these weights")
         if device not in DEVICES:
             raise PunetError(f"unknown device {device!r} (expected one of: {', '.join(DEVICES)})")
         expected_driver = info.get("driver")
@@ -158,12 +188,14 @@ def run_vmfb(
     seed: int = 0,
     save_inputs: str | Path | None = None,
     device: str = "local-task",
+    exact_weights: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """One call of a compiled module; writes {"sample": noise} to `output`."""
     from ..eager import prepare_inputs
     from ..tensors import save_tensors
 
-    session = Session.load(vmfb, irpa, device)
+    session = Session.load(vmfb, irpa, device, exact_weights=exact_weights, progress=progress)
     if inputs is not None:
         from ..tensors import load_tensors
 

@@ -119,11 +119,15 @@ def benchmark(
     threads: int | None = None,
     vs_eager: bool = False,
     seed: int = 0,
+    exact_weights: bool = False,
     progress=None,
+    say=None,
 ) -> BenchResult:
+    if warmup < 0 or repeat < 1:
+        raise ValueError(f"benchmark needs warmup >= 0 and repeat >= 1 (got {warmup}, {repeat})")
     threads = threads or os.cpu_count() or 1
     set_threads(threads)
-    session = Session.load(vmfb, irpa, device)
+    session = Session.load(vmfb, irpa, device, exact_weights=exact_weights, progress=say)
     tensors = make_inputs(session.config, session.signature, seed)
     args = session.to_device(tensors)
 
