@@ -183,7 +183,7 @@ def main() -> None:
             report["rows"].append({"runner": name, "error": f"{type(e).__name__}: {e}"[:2000]})
             continue
         record(name, load_s, ms, out)
-        del session, args
+        session = args = None  # release the device buffers before the next module
 
     if a.torch_compile:
         t0 = time.perf_counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def cell(r: dict | None) -> str:
         if "rel_l2" in r:
             s += f", L2 {r['rel_l2']:.1e}"
         return s
-    msg = r["message"].replace("|", "/")
+    msg = re.sub(r" \(full log: [^)]*\)", "", r["message"]).replace("|", "/")
     return f"{r['result']}: {msg}"
 
 

@@ -76,7 +76,8 @@ def _first_error(log: str) -> str:
         for line in lines:
             if pattern in line:
                 return line[:300]
-    if "Stack dump:" in log:  # a compiler crash: name the innermost IREE function of the backtrace
+    if re.search(r"Stack dump|Please report issues|PLEASE submit a bug report|^\s*#\d+ 0x", log, re.M):
+        # A compiler crash: name the innermost IREE function of the backtrace.
         frame = re.search(r"#\d+ 0x[0-9a-f]+ (mlir::iree_compiler::[\w:]+)", log)
         return "iree-compile crashed" + (f" in {frame.group(1)}" if frame else "") + " (a compiler bug)"
     return lines[-1][:300] if lines else "no output"

@@ -223,8 +223,8 @@ _CPU_ATTENTION = (
 )
 _VULKAN_ATTENTION = "the SPIR-V backend cannot compile iree_linalg_ext.online_attention"
 _CUDA_ATTENTION = (
-    "on an H100 the SDXL CFG step ran 2.3x faster with attention as matmul + softmax (203 vs 465 ms), "
-    "and the plain set miscompiled fused attention (docs/benchmarks.md)"
+    "on an H100 the SDXL CFG step ran 2.3x faster with attention as matmul + softmax (203 vs 465 ms; "
+    "docs/benchmarks.md): IREE 3.13 runs attention over the 77 text tokens on a scalar fallback kernel"
 )
 _FP32_ONLY_VULKAN = (
     "VP_ANDROID_baseline_2022 has no 16-bit arithmetic or storage and 16 KiB of shared memory"
