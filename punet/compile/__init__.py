@@ -54,11 +54,13 @@ def iree_compile() -> str:
 
 @lru_cache(maxsize=1)
 def compiler_version() -> str:
+    """e.g. "IREE compiler version 3.13.0rc20261016 @ 89ece87b..." (not the "IREE (https://iree.dev):" header)."""
     out = subprocess.run([iree_compile(), "--version"], capture_output=True, text=True, check=False)
-    for line in out.stdout.splitlines():
-        if "IREE" in line or "version" in line.lower():
-            return line.strip()
-    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
+    lines = [ln.strip() for ln in out.stdout.splitlines() if ln.strip()]
+    for line in lines:
+        if "compiler version" in line:
+            return line
+    return lines[0] if lines else "unknown"
 
 
 def _first_error(log: str) -> str:
