@@ -8,15 +8,20 @@ decomposed where the target needs it.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from punet.artifacts import build_info_path
 from punet.builtin import write_checkpoint
 from punet.compile import TARGETS, compile_vmfb
+from punet.compile.targets import compile_flags
 from punet.export import export_mlir
 from punet.signature import Signature
 from punet.weights import import_checkpoint
 
 from .test_targets import FP32_ONLY
+from .vmfb_check import check_vmfb
 
 # Two levels, one layer each: every op kind of SDXL's UNet at the lowest compile cost.
 MICRO_SDXL = {
@@ -57,4 +62,7 @@ def test_unet_compiles_for_target(name, micro):
     t = TARGETS[name]
     dtype = "float32" if t.backend == "llvm-cpu" or name in FP32_ONLY else "float16"
     res = compile_vmfb(micro(dtype, t.decompose_attention), name)
-    assert res.vmfb.stat().st_size > 0 and res.target == name
+    check_vmfb(res.vmfb, t, "main", 5)  # sample, timestep, encoder_hidden_states, text_embeds, time_ids
+    build = json.loads(build_info_path(res.vmfb).read_text())
+    assert build["target"] == name and build["flags"] == compile_flags(t, tuned=True)
+    assert build["entry"] == "main" and [i["name"] for i in build["inputs"]][-1] == "time_ids"
