@@ -2,6 +2,9 @@
 
 Each test names in its docstring the bug it guards against; each was checked by
 putting that bug into the code by hand and seeing the test fail.
+
+diffusers is imported at module level: a mutation-testing run (docs/testing.md) forks
+every test process from one that collected this module, so each starts with it loaded.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel as DiffusersUNet
+from diffusers.models.embeddings import get_timestep_embedding
 from safetensors.torch import load_file, save_file
 
 from punet import UNetConfig, UNet2DConditionModel
@@ -39,8 +44,6 @@ def test_timestep_embedding_matches_diffusers(flip, shift):
     Every shipped SDXL config has freq_shift 0 and flip_sin_to_cos true, so the other
     values are checked here against diffusers' own `get_timestep_embedding`.
     """
-    from diffusers.models.embeddings import get_timestep_embedding
-
     t = torch.tensor([0.0, 1.0, 10.0, 500.0, 999.0])
     for dim in (8, 33, 320):
         expected = get_timestep_embedding(t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift)
@@ -174,6 +177,27 @@ def test_reference_cfg_step_is_negative_then_positive():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+def test_guided_unet_is_negative_then_positive():
+    """Bug: punet's own CFG step (`GuidedUNet`, the `main_cfg` entry) with the rows swapped.
+
+    The reference is diffusers, called once on the negative rows and once on the positive rows.
+    """
+    from punet.model import GuidedUNet
+
+    ref, ours = _pair("tiny-sdxl")
+    assert isinstance(ref, DiffusersUNet)
+    b = 2
+    x = make_inputs(ours.config, Signature(b, 64, 64, tokens=7, cfg=True), 6)
+    with torch.inference_mode():
+        got = GuidedUNet(ours)(**dict(x, guidance_scale=torch.tensor([3.0])))
+    rows = ("encoder_hidden_states", "text_embeds", "time_ids")
+    neg = _ref_call(ref, dict(x, **{k: x[k][:b] for k in rows}))
+    pos = _ref_call(ref, dict(x, **{k: x[k][b:] for k in rows}))
+    expected = neg + 3.0 * (pos - neg)
+    assert rel_l2(pos, neg) > 1e-2
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
 # ---- import: transposed tensors, atomic writes -------------------------------------
 
 
@@ -188,7 +212,8 @@ def test_transposed_tensor_is_refused(checkpoints, tmp_path):
     state[key] = state[key].t().contiguous()
     save_file(state, str(path))
     out = tmp_path / "u.irpa"
-    with pytest.raises(PunetError, match=rf"tensor '{re.escape(key)}' has shape \[32, 128\], config.json implies \[128, 32\]"):
+    expected = rf"tensor '{re.escape(key)}' has shape \[32, 128\], config.json implies \[128, 32\]"
+    with pytest.raises(PunetError, match=expected):
         import_checkpoint(str(folder), out)
     assert not out.exists()
 
