@@ -210,6 +210,36 @@ def test_benchmark_command_without_threads(built):
     assert "--task_topology_max_group_count" not in cmd
 
 
-def test_host_info():
+def test_benchmark_defaults_and_progress(built):
+    """threads defaults to every core; each warm-up and timed call is reported, in order."""
+    import os
+
+    vmfb, irpa = built["float32"]
+    said = []
+    res = benchmark(vmfb, irpa, warmup=2, repeat=2, progress=said.append)
+    assert said == ["warm-up 1/2", "warm-up 2/2", "call 1/2", "call 2/2"]
+    assert res.threads == os.cpu_count() and res.eager is None and len(res.iree.samples_ms) == 2
+    assert res.command.endswith(f"--task_topology_max_group_count={os.cpu_count()}")
+
+
+def test_host_info_known_values(monkeypatch):
+    import os
+    import platform
+
     info = host_info()
-    assert info["cores"] >= 1 and info["cpu"] and info["python"].count(".") == 2
+    model_names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name")]
+    assert info == {"cpu": model_names[0] if model_names else platform.processor() or platform.machine(),
+                    "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+    class NoProc:  # a host without /proc/cpuinfo
+        def __init__(self, *_):
+            pass
+
+        def read_text(self):
+            raise OSError("no /proc")
+
+    import punet.runtime.bench as bench
+
+    monkeypatch.setattr(bench, "Path", NoProc)
+    assert host_info()["cpu"] == (platform.processor() or platform.machine())
