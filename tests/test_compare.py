@@ -37,6 +37,12 @@ def test_computed_in_fp64():
     assert compare_tensors(half, half.float()).rel_l2 == 0.0
 
 
+def test_small_reference_is_still_relative():
+    """A reference of norm below 1 is divided by too (only a zero reference is not)."""
+    c = compare_tensors(torch.tensor([0.3, 0.2]), torch.tensor([0.3, 0.4]))  # |diff| 0.2, |ref| 0.5
+    assert c.rel_l2 == pytest.approx(0.4)
+
+
 def test_zero_reference_gives_the_absolute_norm():
     c = compare_tensors(torch.tensor([3.0, 4.0]), torch.zeros(2))
     assert c.rel_l2 == 5.0 and c.max_abs_ref == 0.0 and c.max_abs_error == 4.0

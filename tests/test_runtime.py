@@ -243,3 +243,49 @@ def test_host_info_known_values(monkeypatch):
 
     monkeypatch.setattr(bench, "Path", NoProc)
     assert host_info()["cpu"] == (platform.processor() or platform.machine())
+
+
+def test_run_vmfb_defaults_device_and_metadata(built, tmp_path, monkeypatch):
+    """Seed 0 by default; the device asked for is the one loaded; the output says who made it."""
+    import os
+    import time
+
+    from safetensors import safe_open
+
+    vmfb, irpa = built["float32"]
+    loaded = []
+    load = Session.load.__func__
+
+    def spy(cls, *args, **kwargs):
+        loaded.append(args[2] if len(args) > 2 else kwargs.get("device", "local-task"))
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "load", classmethod(spy))
+    t0 = time.perf_counter()
+    info = run_vmfb(vmfb, irpa, tmp_path / "out.safetensors", save_inputs=tmp_path / "in.safetensors",
+                    device="local-sync")
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    assert loaded == ["local-sync"] and info["device"] == "local-sync" and info["threads"] == os.cpu_count()
+    assert 0.05 < info["ms"] < wall_ms  # milliseconds of the call alone
+    session = load(Session, vmfb, irpa)
+    saved = load_tensors(tmp_path / "in.safetensors")
+    assert all(torch.equal(v, make_inputs(session.config, session.signature, 0)[k]) for k, v in saved.items())
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
+        assert f.metadata() == {"producer": "punet-iree", "device": "local-sync"}
+
+
+def test_benchmark_defaults_device_and_timing(built, monkeypatch):
+    """warmup 1 and repeat 5 by default; the device asked for is loaded; samples are milliseconds."""
+    import time
+
+    vmfb, irpa = built["float32"]
+    said = []
+    t0 = time.perf_counter()
+    res = benchmark(vmfb, irpa, device="local-sync", threads=1, vs_eager=True, progress=said.append)
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    assert said == ["warm-up 1/1"] + [f"call {i}/5" for i in range(1, 6)]
+    assert "--device=local-sync" in res.command and res.device == "local-sync"
+    samples = res.iree.samples_ms + res.eager.samples_ms
+    assert len(samples) == 10 and all(0.05 < t for t in samples) and sum(samples) < wall_ms
+    d = res.to_dict()
+    assert d["iree"]["median_ms"] == res.iree.median and d["eager"]["p90_ms"] == res.eager.p90

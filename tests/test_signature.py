@@ -163,5 +163,5 @@ def test_signature_from_inputs_refuses():
         signature_from_inputs(TINY, dict(x, sample=x["sample"][0]), "in.st")
     with pytest.raises(PunetError, match=r"got \[1, 4, 8, 8\] and \[7, 64\]"):
         signature_from_inputs(TINY, dict(x, encoder_hidden_states=x["encoder_hidden_states"][0]), "in.st")
-    with pytest.raises(PunetError, match=r"input 'text_embeds' has shape \[1, 63\], expected \[1, 64\]"):
+    with pytest.raises(PunetError, match=r"^in.st: input 'text_embeds' has shape \[1, 63\], expected \[1, 64\]"):
         signature_from_inputs(TINY, dict(x, text_embeds=x["text_embeds"][:, :63]), "in.st")
