@@ -34,8 +34,8 @@ def _patterns(variant: str = "") -> list[str]:
     v = f".{variant}" if variant else ""
     out = []
     for sub in ("unet/", ""):
-        out += [f"{sub}config.json", f"{sub}diffusion_pytorch_model{v}.safetensors",
-                f"{sub}diffusion_pytorch_model{v}.safetensors.index.json", f"{sub}diffusion_pytorch_model{v}-*.safetensors"]
+        w = f"{sub}diffusion_pytorch_model{v}"
+        out += [f"{sub}config.json", f"{w}.safetensors", f"{w}.safetensors.index.json", f"{w}-*.safetensors"]
     return out
 
 
@@ -114,7 +114,8 @@ def test_checkpoint_of_mixed_dtypes_needs_a_dtype(checkpoints, tmp_path):
         import_checkpoint(str(folder), tmp_path / "u.irpa")
     meta = import_checkpoint(str(folder), tmp_path / "u.irpa", dtype="float32")
     _, got = load_irpa(tmp_path / "u.irpa")
-    assert got["conv_in.bias"].dtype == torch.float32 and torch.equal(got["conv_in.bias"], state["conv_in.bias"].float())
+    assert got["conv_in.bias"].dtype == torch.float32
+    assert torch.equal(got["conv_in.bias"], state["conv_in.bias"].float())
     assert meta["num_parameters"] == sum(v.numel() for v in state.values())
 
 
