@@ -289,3 +289,20 @@ def test_benchmark_defaults_device_and_timing(built, monkeypatch):
     assert len(samples) == 10 and all(0.05 < t for t in samples) and sum(samples) < wall_ms
     d = res.to_dict()
     assert d["iree"]["median_ms"] == res.iree.median and d["eager"]["p90_ms"] == res.eager.p90
+
+
+def test_benchmark_command_names_every_dtype():
+    """float16 inputs are written f16 (IREE's spelling), as f32 and bf16 are."""
+    from types import SimpleNamespace
+
+    from punet import UNetConfig
+
+    config = UNetConfig.from_dict(MICRO_SDXL)
+    session = SimpleNamespace(vmfb="m.vmfb", irpa="p.irpa", device="local-task", info={"entry": "main"},
+                              config=config, signature=Signature(1, H, W, "float16", tokens=8))
+    assert benchmark_command(session, 2) == (
+        "iree-benchmark-module --module=m.vmfb --parameters=model=p.irpa --device=local-task --function=main "
+        "--input=1x4x8x8xf16 --input=1xf32 --input=1x8x32xf16 --input=1x32xf16 --input=1x6xf32 "
+        "--task_topology_max_group_count=2"
+    )
+    assert "--task_topology" not in benchmark_command(SimpleNamespace(**{**vars(session), "device": "local-sync"}), 2)
