@@ -306,3 +306,14 @@ def test_benchmark_command_names_every_dtype():
         "--task_topology_max_group_count=2"
     )
     assert "--task_topology" not in benchmark_command(SimpleNamespace(**{**vars(session), "device": "local-sync"}), 2)
+
+
+def test_device_not_available_is_one_line(built, tmp_path):
+    """A module built for a GPU driver this host lacks: refused naming the device."""
+    vmfb, irpa = built["float32"]
+    gpu = tmp_path / "gpu.vmfb"
+    shutil.copy(vmfb, gpu)
+    info = load_build_info(vmfb)
+    (tmp_path / "gpu.vmfb.json").write_text(json.dumps({**info, "driver": "hip", "target": "gfx942"}))
+    with pytest.raises(PunetError, match=r"^device 'hip' is not available here: \S.*$"):
+        Session.load(gpu, irpa, device="hip")

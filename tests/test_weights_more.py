@@ -187,3 +187,23 @@ def test_tensor_without_metadata_is_refused(checkpoints, tmp_path):
     index.create_archive_file(str(tmp_path / "badcfg.irpa"))
     with pytest.raises(PunetError, match=r"badcfg.irpa: embedded config: unsupported config: act_fn='gelu'"):
         load_irpa(tmp_path / "badcfg.irpa")
+
+
+def test_load_model_refuses_an_archive_missing_a_tensor(checkpoints, tmp_path):
+    """load_model is strict: an archive short of one tensor is an error, not a model with a hole."""
+    import iree.runtime as rt
+    import numpy as np
+
+    from punet.weights import METADATA_KEY, _tensor_metadata
+
+    import_checkpoint(str(checkpoints["tiny-sd15"]), tmp_path / "u.irpa")
+    meta = read_metadata(tmp_path / "u.irpa")
+    _, state = load_irpa(tmp_path / "u.irpa")
+    index = rt.ParameterIndex()
+    for k, v in state.items():
+        if k != "conv_in.bias":
+            index.add_buffer(k, v.numpy().copy(), metadata=_tensor_metadata("float32", tuple(v.shape)))
+    index.add_buffer(METADATA_KEY, np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy(), metadata="punet")
+    index.create_archive_file(str(tmp_path / "short.irpa"))
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"conv_in.bias\""):
+        load_model(tmp_path / "short.irpa")
