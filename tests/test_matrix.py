@@ -32,6 +32,7 @@ from punet.signature import Signature, make_inputs
 from punet.weights import import_checkpoint, load_model
 
 from .conftest import rel_l2
+from .vmfb_check import check_vmfb
 
 # Two levels, one layer each: every op kind of SDXL's UNet at the lowest compile cost.
 MICRO_SDXL = {
@@ -107,6 +108,7 @@ def check_case(micro, target: str, dtype: str, decompose: bool) -> dict:
         assert str(err.value) == str(e) and target in str(e) and dtype in str(e)
         return report(target, dtype, decompose, {"result": "refused", "message": str(e)})
     res = compile_vmfb(mlir, target)
+    check_vmfb(res.vmfb, t, sig.entry, len(sig.inputs(config)))  # a loadable module with t's executables
     info = json.loads(res.vmfb.with_name(res.vmfb.name + ".json").read_text())
     assert info["target"] == target and info["tuned"] == plan.tuned
     assert info["attention"] == ("decomposed" if decompose or plan.derive_decomposed else "fused")

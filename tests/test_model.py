@@ -66,7 +66,11 @@ def test_fp32_parity(pair, t):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_low_precision_no_worse_than_diffusers(pair, dtype):
-    """punet's bf16/fp16 error vs diffusers fp32 <= 1.5x diffusers' own bf16/fp16 error."""
+    """punet's bf16/fp16 error vs diffusers fp32 <= 1.5x diffusers' own bf16/fp16 error.
+
+    Torch's CPU norm and softmax kernels accumulate in fp32 whatever the dtype, so this bound
+    cannot see statistics computed in low precision: test_regressions checks those in the export.
+    """
     name, ref, ours = pair
     x = _inputs(ours, 2, [999, 10])
     gold = _ref_call(ref, x)
@@ -78,23 +82,26 @@ def test_low_precision_no_worse_than_diffusers(pair, dtype):
 
 
 def test_timestep_forms():
-    """A Python number, a 0-d tensor, shape [1] and shape [B] give the same result."""
-    _, ours = _pair("tiny-sdxl")
+    """A Python number, a 0-d tensor, shape [1] and shape [B] each match diffusers given shape [B]."""
+    ref, ours = _pair("tiny-sdxl")
     x = _inputs(ours, 2, [10, 10])
-    full = _our_call(ours, x)
-    for t in (10, 10.0, torch.tensor(10.0), torch.tensor([10.0])):
-        x2 = dict(x, timestep=t)
-        torch.testing.assert_close(_our_call(ours, x2), full, rtol=0, atol=0)
+    expected = _ref_call(ref, x)
+    for t in (10, 10.0, torch.tensor(10.0), torch.tensor([10.0]), torch.tensor([10.0, 10.0])):
+        got = _our_call(ours, dict(x, timestep=t))
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max(), repr(t)
 
 
 def test_per_sample_timesteps_differ():
-    """Batch entries with different timesteps equal the same entries run alone."""
+    """Each batch entry uses its own timestep: batch [3, 900] equals diffusers run on each entry alone."""
     ref, ours = _pair("tiny-sd15")
     x = _inputs(ours, 2, [3, 900])
     both = _our_call(ours, x)
+    alone = [_ref_call(ref, {k: v[i : i + 1] for k, v in x.items()}) for i in range(2)]
     for i in range(2):
-        xi = {k: v[i : i + 1] for k, v in x.items()}
-        torch.testing.assert_close(_our_call(ours, xi), both[i : i + 1], rtol=1e-5, atol=1e-5)
+        assert (both[i : i + 1] - alone[i]).abs().max() <= 1e-5 * alone[i].abs().max(), i
+    # The same latents at the other entry's timestep give another output: the timestep is used.
+    swapped = _ref_call(ref, dict({k: v[:1] for k, v in x.items()}, timestep=x["timestep"][1:]))
+    assert rel_l2(swapped, alone[0]) > 1e-2
 
 
 def test_reverse_transformer_layers_per_block():

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
+import subprocess
 
 import pytest
 import torch
 
-from punet.compare import TOLERANCE
-from punet.compile import compile_vmfb, get_target
+from punet.compile import compile_flags, compile_vmfb, get_target, iree_compile
 from punet.eager import call_model, cast_inputs
 from punet.errors import PunetError
 from punet.export import export_mlir
@@ -63,14 +65,18 @@ def test_export_mlir_has_external_weights_only(work):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_compiled_fp32_matches_eager(work, batch):
     _, irpa = work
-    err, _, comp, x = _check_compiled(irpa, Signature(batch, H, W))
+    err, exp, comp, x = _check_compiled(irpa, Signature(batch, H, W))
     if batch == 2:
         assert x["timestep"][0] != x["timestep"][1]
     assert err <= 1e-4, f"batch {batch}: relative L2 {err:.2e}"
     build = json.loads((comp.vmfb.parent / (comp.vmfb.name + ".json")).read_text())
-    assert build["compiler_version"] and build["flags"] and build["target"] == "cpu"
+    version = subprocess.run([iree_compile(), "--version"], capture_output=True, text=True).stdout
+    assert build["compiler_version"].startswith("IREE compiler version ") and build["compiler_version"] in version
+    assert build["target"] == "cpu" and build["flags"] == compile_flags(get_target("cpu"), tuned=True)
+    command = [iree_compile(), str(exp.mlir.resolve()), "-o", str(comp.vmfb.resolve()), *build["flags"]]
+    assert build["command"] == command
     script = (comp.vmfb.parent / (comp.vmfb.name + ".compile.sh")).read_text()
-    assert "iree-compile" in script and str(comp.vmfb.resolve()) in script
+    assert script.splitlines()[-1] == shlex.join(build["command"]) and build["compiler_version"] in script
 
 
 def test_cfg_entry_matches_torch_guidance(work):
@@ -90,13 +96,23 @@ def test_cfg_entry_matches_torch_guidance(work):
     assert rel_l2(got, expected) <= 1e-4
 
 
+# Relative L2 of the compiled tiny SDXL (128x128, seed 0) against fp32 torch eager, measured:
+#   fp16 1.65e-3 (Zen 3 and Xeon Emerald Rapids alike; seeds 1, 2: 1.61e-3, 1.77e-3),
+#   bf16 8.7e-3 on Zen 3, 8.0e-3 on Emerald Rapids (native AVX-512 BF16; seeds 1, 2: 9.7e-3, 9.9e-3).
+# Torch eager in the same dtype is at 1.5e-3 (fp16) and 1.13e-2 (bf16): bf16 keeps 3 fewer mantissa
+# bits than fp16 (8x the rounding error). Each bound is 1.5x the larger seed-0 measurement, so that
+# a regression of half the dtype's own error (e.g. one more op computed in low precision) fails,
+# where the shared 1e-2 of compare.TOLERANCE was 6x the fp16 figure and 13% over the Zen 3 bf16 one.
+LOW_PRECISION_BOUND = {"float16": 2.5e-3, "bfloat16": 1.3e-2}
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_low_precision_within_1e2_of_fp32(work, checkpoints, dtype):
+def test_low_precision_within_measured_bound_of_fp32(work, checkpoints, dtype):
     root, _ = work
     irpa = root / f"unet_{dtype}.irpa"
     import_checkpoint(str(checkpoints["tiny-sdxl"]), irpa, dtype=dtype)
     err, *_ = _check_compiled(irpa, Signature(1, H, W, dtype=dtype))
-    assert err <= TOLERANCE[dtype], f"{dtype}: relative L2 {err:.2e} vs fp32 eager"
+    assert err <= LOW_PRECISION_BOUND[dtype], f"{dtype}: relative L2 {err:.2e} vs fp32 eager"
 
 
 def test_decomposed_attention_has_no_fused_attention(work):
@@ -181,5 +197,11 @@ def test_cli_run_vmfb_and_compare(work, tmp_path):
                 "--json", str(tmp_path / "b.json"))
     assert r.returncode == 0, r.stderr
     b = json.loads((tmp_path / "b.json").read_text())
-    assert b["iree"]["median_ms"] > 0 and b["eager"]["median_ms"] > 0 and b["threads"] >= 1
+    for runner in ("iree", "eager"):  # --repeat 2 timed calls each, and the statistics are theirs
+        s = b[runner]
+        assert len(s["samples_ms"]) == 2 and all(t > 0 for t in s["samples_ms"]), s
+        assert s["min_ms"] == min(s["samples_ms"]) and s["median_ms"] == pytest.approx(sum(s["samples_ms"]) / 2)
+    assert b["speedup_vs_eager"] == pytest.approx(b["eager"]["median_ms"] / b["iree"]["median_ms"])
+    assert b["target"] == "cpu" and b["entry"] == "main" and b["threads"] == os.cpu_count()
+    assert [i["name"] for i in b["inputs"]] == [s.name for s in Signature(1, H, W).inputs(load_irpa(irpa)[0])]
     assert "iree-benchmark-module" in r.stdout and "--parameters=model=" in r.stdout

@@ -20,6 +20,8 @@ from torch import nn
 
 from punet.compile.targets import TARGETS, Target, compile_flags, get_target
 
+from .vmfb_check import check_vmfb
+
 NAMES = list(TARGETS)
 TUNED = [pytest.param(False, id="plain"), pytest.param(True, id="tuned")]
 
@@ -152,7 +154,8 @@ def compiled(request, mlirs, tmp_path_factory):
 @pytest.mark.parametrize("tuned", TUNED)
 @pytest.mark.parametrize("name", NAMES)
 def test_target_compiles(name: str, tuned: bool, compiled) -> None:
-    assert compiled(name, tuned).stat().st_size > 0
+    """The .vmfb loads as a VM module exporting `main` (2 inputs, 1 output) with the target's executables."""
+    check_vmfb(compiled(name, tuned), TARGETS[name], "main", 2)
 
 
 @pytest.mark.parametrize("tuned", TUNED)
@@ -180,8 +183,22 @@ def test_table_shape() -> None:
         assert any(f.startswith("--iree-hal-target-device=") for f in t.flags), name
         if t.backend == "vulkan-spirv":  # SPIR-V cannot compile iree_linalg_ext.online_attention
             assert t.decompose_attention, name
-        assert compile_flags(t, tuned=False) == list(t.flags)
-        assert compile_flags(t, tuned=True) == list(t.flags) + list(t.tuned_flags)
+        # The device flag matches the backend, and no flag is given twice (the last one would silently win).
+        device = {"llvm-cpu": "local", "rocm": "hip", "vulkan-spirv": "vulkan", "cuda": "cuda"}[t.backend]
+        assert f"--iree-hal-target-device={device}" in compile_flags(t, tuned=False), name
+        keys = [f.split("=", 1)[0] for f in compile_flags(t, tuned=True)]
+        assert len(keys) == len(set(keys)), f"{name}: {sorted(k for k in keys if keys.count(k) > 1)}"
+        if t.backend in ("rocm", "cuda") and name != "hopper":  # hopper ships sm_80 PTX (see its notes)
+            assert f"--iree-{t.backend}-target={name}" in t.flags, name
+    # Known values: the plain set is the device only, the tuned set appends to it.
+    gfx942 = ["--iree-hal-target-device=hip", "--iree-rocm-target=gfx942"]
+    assert compile_flags(get_target("gfx942"), tuned=False) == gfx942
+    cpu = ["--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu",
+           "--iree-llvmcpu-target-cpu=host", "--iree-opt-aggressively-propagate-transposes"]
+    assert compile_flags(get_target("cpu"), tuned=False) == cpu
+    tuned = ["--iree-opt-data-tiling", "--iree-llvmcpu-enable-ukernels=all"]
+    assert compile_flags(get_target("cpu"), tuned=True) == cpu + tuned
+    assert compile_flags(get_target("hopper"), tuned=False)[-1] == "--iree-cuda-target=sm_80"
     for required in ("cpu", "cpu-generic", "gfx942", "gfx950", "gfx1100", "gfx1201", "vulkan", "vulkan-rdna3",
                      "vulkan-ampere", "sm_80", "sm_86", "sm_89", "hopper"):
         assert required in TARGETS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,7 +33,12 @@ def test_import_round_trip_exact(checkpoints, tmp_path):
     assert meta["dtype"] == "float32" and meta["num_tensors"] == len(expected)
     assert read_metadata(tmp_path / "u.irpa")["config"] == config.to_dict()
     assert meta["config_json"] == json.loads((src / "config.json").read_text())
-    assert meta["punet_version"] and meta["source"] == str(src) and len(meta["weights_sha256"]) == 64
+    assert meta["punet_version"] and meta["source"] == str(src)
+    # The digest covers every tensor's bytes, in key order (what Session.load checks a .vmfb against).
+    digest = hashlib.sha256()
+    for k in sorted(expected):
+        digest.update(expected[k].contiguous().view(torch.uint8).numpy().tobytes())
+    assert meta["weights_sha256"] == digest.hexdigest()
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -168,10 +174,12 @@ def test_bad_checkpoint(checkpoints, tmp_path, case):
     mutate, pattern = BAD[case]
     folder = _broken(checkpoints, tmp_path, mutate)
     out = tmp_path / "out" / "u.irpa"
+    out.parent.mkdir()
+    out.write_bytes(b"an earlier archive")  # so that "nothing written" is observable
     with pytest.raises(PunetError, match=pattern):
         import_checkpoint(str(folder), out)
-    assert not out.exists()
-    assert not out.parent.exists() or not os.listdir(out.parent)
+    assert out.read_bytes() == b"an earlier archive"
+    assert os.listdir(out.parent) == ["u.irpa"]  # no temporary or staging file left beside it
 
 
 def test_missing_source(tmp_path):

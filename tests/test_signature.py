@@ -1,0 +1,167 @@
+"""punet.signature, the contract between stages: names, shapes and dtypes against known values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from punet import UNetConfig
+from punet.builtin import config_dict
+from punet.errors import PunetError
+from punet.signature import (
+    ENTRY_CFG,
+    ENTRY_MAIN,
+    Signature,
+    TensorSpec,
+    check_inputs,
+    dtype_from_name,
+    dtype_name,
+    make_inputs,
+    num_time_ids,
+    signature_from_inputs,
+    text_embeds_width,
+)
+
+from .conftest import CONFIG_DIR
+
+SDXL = UNetConfig.from_json(CONFIG_DIR / "sdxl-base-1.0-unet.json")
+REFINER = UNetConfig.from_json(CONFIG_DIR / "sdxl-refiner-1.0-unet.json")
+SD15 = UNetConfig.from_json(CONFIG_DIR / "sd-1.5-unet.json")
+TINY = UNetConfig.from_dict(config_dict("tiny-sdxl"))
+
+
+def test_dtype_names():
+    for name, dtype in (("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        assert dtype_from_name(name) is dtype and dtype_name(dtype) == name
+    assert TensorSpec("x", (1,), "bfloat16").torch_dtype is torch.bfloat16
+    with pytest.raises(PunetError, match=r"unknown dtype 'float8' \(expected one of: float32, float16, bfloat16\)"):
+        dtype_from_name("float8")
+    with pytest.raises(PunetError, match=r"unsupported dtype torch.int32 \(expected one of: float32, float16"):
+        dtype_name(torch.int32)
+
+
+def test_time_ids_and_text_width():
+    assert (num_time_ids(SDXL), text_embeds_width(SDXL)) == (6, 1280)
+    assert (num_time_ids(REFINER), text_embeds_width(REFINER)) == (5, 1280)
+    # A width that is not OpenCLIP bigG's 1280 either way: the base layout.
+    assert (num_time_ids(TINY), text_embeds_width(TINY)) == (6, 64)
+    narrow = UNetConfig.from_dict({**config_dict("tiny-sdxl"), "projection_class_embeddings_input_dim": 6 * 16})
+    with pytest.raises(PunetError, match=r"input_dim=96 leaves no room .* 6 time ids of width 16"):
+        text_embeds_width(narrow)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"batch": 0}, "batch must be >= 1, got 0"),
+        ({"height": 60}, "height must be a positive multiple of 8 pixels, got 60"),
+        ({"width": 0}, "width must be a positive multiple of 8 pixels, got 0"),
+        ({"width": 4}, "width must be a positive multiple of 8 pixels, got 4"),
+        ({"dtype": "f16"}, r"unknown dtype 'f16' \(expected one of: float32, float16, bfloat16\)"),
+    ],
+)
+def test_signature_refuses(kw, message):
+    with pytest.raises(PunetError, match=message):
+        Signature(**{"batch": 1, "height": 64, "width": 64, **kw})
+
+
+def test_smallest_signature_is_accepted():
+    sig = Signature(1, 8, 8)
+    assert (sig.dtype, sig.tokens, sig.cfg, sig.entry) == ("float32", 77, False, ENTRY_MAIN)
+
+
+def test_sdxl_inputs_and_output():
+    sig = Signature(2, 1024, 768, "float16")
+    specs = sig.inputs(SDXL)
+    assert [(s.name, s.shape, s.dtype) for s in specs] == [
+        ("sample", (2, 4, 128, 96), "float16"),
+        ("timestep", (2,), "float32"),
+        ("encoder_hidden_states", (2, 77, 2048), "float16"),
+        ("text_embeds", (2, 1280), "float16"),
+        ("time_ids", (2, 6), "float32"),
+    ]
+    out = sig.output(SDXL)
+    assert (out.name, out.shape, out.dtype) == ("sample", (2, 4, 128, 96), "float16")
+    assert sig.to_dict() == {"batch": 2, "height": 1024, "width": 768, "dtype": "float16", "tokens": 77, "cfg": False}
+
+
+def test_cfg_inputs_have_negative_and_positive_rows():
+    sig = Signature(2, 512, 512, tokens=7, cfg=True)
+    assert sig.entry == ENTRY_CFG
+    shapes = {s.name: s.shape for s in sig.inputs(SDXL)}
+    assert shapes == {
+        "sample": (2, 4, 64, 64),
+        "timestep": (2,),
+        "encoder_hidden_states": (4, 7, 2048),
+        "text_embeds": (4, 1280),
+        "time_ids": (4, 6),
+        "guidance_scale": (1,),
+    }
+    assert list(shapes)[-1] == "guidance_scale"
+
+
+def test_sd15_has_no_text_time_inputs():
+    assert [s.name for s in Signature(1, 512, 512).inputs(SD15)] == ["sample", "timestep", "encoder_hidden_states"]
+    assert Signature(1, 512, 512).inputs(SD15)[2].shape == (1, 77, 768)
+
+
+def test_make_inputs_known_values():
+    sig = Signature(2, 64, 96, "bfloat16", tokens=5, cfg=True)
+    x = make_inputs(TINY, sig, seed=3)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in x.items()} == {
+        s.name: (s.shape, s.torch_dtype) for s in sig.inputs(TINY)
+    }
+    t = x["timestep"]
+    assert t.dtype == torch.float32 and torch.equal(t, t.round()) and bool(((t >= 0) & (t < 1000)).all())
+    assert torch.equal(x["time_ids"], torch.tensor([[64.0, 96.0, 0.0, 0.0, 64.0, 96.0]] * 4))
+    assert torch.equal(x["guidance_scale"], torch.tensor([7.5]))
+    for k in ("sample", "encoder_hidden_states", "text_embeds"):  # N(0, 1): not constant, mean near 0
+        v = x[k].float()
+        assert v.std() > 0.5 and v.mean().abs() < 0.5, k
+    again = make_inputs(TINY, sig, seed=3)
+    assert all(torch.equal(x[k], again[k]) for k in x)
+    other = make_inputs(TINY, sig, seed=4)
+    assert not torch.equal(x["sample"], other["sample"])
+
+
+def test_make_inputs_refiner_time_ids():
+    x = make_inputs(REFINER, Signature(1, 1024, 1024, tokens=2), 0)
+    assert torch.equal(x["time_ids"], torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 6.0]]))
+
+
+def test_check_inputs_names_the_problem():
+    sig = Signature(1, 64, 64, tokens=7)
+    x = make_inputs(TINY, sig, 0)
+    check_inputs(TINY, sig, x, "in.safetensors")
+    cases = [
+        (dict(x, extra=torch.zeros(1)), r"in.safetensors: unexpected input 'extra' \(expected keys: "
+                                        r"encoder_hidden_states, sample, text_embeds, time_ids, timestep\)"),
+        ({k: v for k, v in x.items() if k != "time_ids"}, r"in.safetensors: missing input 'time_ids' "
+                                                          r"\(expected shape \[1, 6\] float32\)"),
+        (dict(x, sample=x["sample"][:, :3]), r"input 'sample' has shape \[1, 3, 8, 8\], expected \[1, 4, 8, 8\]"),
+        (dict(x, timestep=x["timestep"].double()), r"input 'timestep' has dtype torch.float64, expected float32"),
+    ]
+    for tensors, message in cases:
+        with pytest.raises(PunetError, match=message):
+            check_inputs(TINY, sig, tensors, "in.safetensors")
+
+
+def test_signature_from_inputs():
+    sig = Signature(2, 64, 96, "float16", tokens=5, cfg=True)
+    assert signature_from_inputs(TINY, make_inputs(TINY, sig, 0), "f") == sig
+    plain = Signature(1, 128, 64, tokens=9)
+    assert signature_from_inputs(TINY, make_inputs(TINY, plain, 0), "f") == plain
+
+
+def test_signature_from_inputs_refuses():
+    x = make_inputs(TINY, Signature(1, 64, 64, tokens=7), 0)
+    with pytest.raises(PunetError, match="in.st: missing input 'sample'"):
+        signature_from_inputs(TINY, {k: v for k, v in x.items() if k != "sample"}, "in.st")
+    with pytest.raises(PunetError, match="in.st: missing input 'encoder_hidden_states'"):
+        signature_from_inputs(TINY, {k: v for k, v in x.items() if k != "encoder_hidden_states"}, "in.st")
+    with pytest.raises(PunetError, match=r"in.st: 'sample' must be 4-D .* got \[4, 8, 8\] and \[1, 7, 64\]"):
+        signature_from_inputs(TINY, dict(x, sample=x["sample"][0]), "in.st")
+    with pytest.raises(PunetError, match=r"got \[1, 4, 8, 8\] and \[7, 64\]"):
+        signature_from_inputs(TINY, dict(x, encoder_hidden_states=x["encoder_hidden_states"][0]), "in.st")
+    with pytest.raises(PunetError, match=r"^in.st: input 'text_embeds' has shape \[1, 63\], expected \[1, 64\]"):
+        signature_from_inputs(TINY, dict(x, text_embeds=x["text_embeds"][:, :63]), "in.st")

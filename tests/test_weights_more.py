@@ -1,0 +1,209 @@
+"""punet.weights beyond the import round trip: what is asked of the hub, and reading archives back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from punet.errors import PunetError
+from punet.weights import Source, import_checkpoint, load_irpa, load_model, read_metadata, resolve_source
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """huggingface_hub.snapshot_download replaced: records its arguments, returns a prepared snapshot."""
+    import huggingface_hub
+
+    calls = []
+    state = {"snapshot": None, "error": None}
+
+    def snapshot_download(repo_id, *, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, allow_patterns))
+        if state["error"]:
+            raise state["error"]
+        return str(state["snapshot"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls, state
+
+
+def _patterns(variant: str = "") -> list[str]:
+    v = f".{variant}" if variant else ""
+    out = []
+    for sub in ("unet/", ""):
+        w = f"{sub}diffusion_pytorch_model{v}"
+        out += [f"{sub}config.json", f"{w}.safetensors", f"{w}.safetensors.index.json", f"{w}-*.safetensors"]
+    return out
+
+
+def test_hub_download_asks_only_for_the_unet(checkpoints, tmp_path, fake_hub):
+    calls, state = fake_hub
+    state["snapshot"] = snap = tmp_path / "snapshots" / "abc123"
+    shutil.copytree(checkpoints["tiny-sd15"], snap / "unet")  # a pipeline repo: the UNet under unet/
+    said = []
+    src = resolve_source("org/pipe", revision="v1", variant="fp16", progress=said.append)
+    assert src == Source(snap / "unet", "org/pipe", "abc123")
+    assert calls == [("org/pipe", "v1", _patterns("fp16"))]
+    assert calls[0][2][:2] == ["unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors"]
+    assert said == ["downloading the UNet of org/pipe (revision v1) from the Hugging Face hub"]
+
+
+def test_hub_download_of_a_bare_unet_repo(checkpoints, tmp_path, fake_hub):
+    calls, state = fake_hub
+    state["snapshot"] = snap = tmp_path / "snapshots" / "def456"
+    shutil.copytree(checkpoints["tiny-sd15"], snap)  # config.json at the top
+    said = []
+    assert resolve_source("org/unet", progress=said.append) == Source(snap, "org/unet", "def456")
+    assert calls == [("org/unet", None, _patterns())]
+    assert said == ["downloading the UNet of org/unet (revision main) from the Hugging Face hub"]
+    assert resolve_source("org/unet") == Source(snap, "org/unet", "def456")  # no progress callback: silent
+
+
+def test_hub_download_errors(tmp_path, fake_hub):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    class NotFound(HfHubHTTPError):
+        def __init__(self, message: str):  # without the HTTP response the real one needs
+            Exception.__init__(self, message)
+
+    _, state = fake_hub
+    state["error"] = NotFound("404 Client Error: Not Found\nRepository Not Found")
+    with pytest.raises(PunetError, match=r"^org/x: download failed: 404 Client Error: Not Found$"):
+        resolve_source("org/x")
+    state["error"] = OSError()
+    with pytest.raises(PunetError, match=r"^org/x: download failed: OSError$"):
+        resolve_source("org/x")
+    state["error"] = ValueError("  \n")
+    with pytest.raises(PunetError, match=r"^org/x: download failed: ValueError$"):
+        resolve_source("org/x")
+    state["error"] = None
+    state["snapshot"] = empty = tmp_path / "snapshots" / "0f0f"
+    empty.mkdir(parents=True)
+    with pytest.raises(PunetError, match=r"^org/empty@0f0f: no unet/config.json or config.json in the repo$"):
+        resolve_source("org/empty")
+
+
+def test_local_sources(checkpoints, tmp_path):
+    src = checkpoints["tiny-sd15"]
+    assert resolve_source(str(src)) == Source(src.resolve(), str(src))
+    pipe = tmp_path / "pipe"
+    shutil.copytree(src, pipe / "unet")
+    assert resolve_source(str(pipe)) == Source((pipe / "unet").resolve(), str(pipe))
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    with pytest.raises(PunetError, match=r"file.txt: expected a folder with config.json and safetensors, got a file"):
+        resolve_source(str(f))
+    for spec in ("./org/name", "org/name/extra", "noslash"):
+        with pytest.raises(PunetError, match=r"no such folder, and not a Hugging Face repo id \(expected 'org/name'\)"):
+            resolve_source(spec)
+
+
+def test_checkpoint_of_mixed_dtypes_needs_a_dtype(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(checkpoints["tiny-sd15"], folder)
+    path = folder / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(path))
+    state["conv_in.bias"] = state["conv_in.bias"].half()
+    save_file(state, str(path))
+    with pytest.raises(PunetError, match=r"tensors have dtypes \['float16', 'float32'\]; choose one with --dtype"):
+        import_checkpoint(str(folder), tmp_path / "u.irpa")
+    meta = import_checkpoint(str(folder), tmp_path / "u.irpa", dtype="float32")
+    _, got = load_irpa(tmp_path / "u.irpa")
+    assert got["conv_in.bias"].dtype == torch.float32
+    assert torch.equal(got["conv_in.bias"], state["conv_in.bias"].float())
+    assert meta["num_parameters"] == sum(v.numel() for v in state.values())
+
+
+def test_float64_checkpoint_is_converted(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "f64"
+    shutil.copytree(checkpoints["tiny-sd15"], folder)
+    path = folder / "diffusion_pytorch_model.safetensors"
+    state = {k: v.double() for k, v in load_file(str(path)).items()}
+    save_file(state, str(path))
+    with pytest.raises(PunetError, match=r"tensors have dtypes \['float64'\]; choose one with --dtype"):
+        import_checkpoint(str(folder), tmp_path / "u.irpa")
+    import_checkpoint(str(folder), tmp_path / "u.irpa", dtype="float32")
+    _, got = load_irpa(tmp_path / "u.irpa")
+    assert all(torch.equal(got[k], v.float()) for k, v in state.items())
+
+
+def test_load_model_dtype_and_values(checkpoints, tmp_path):
+    from safetensors.torch import load_file
+
+    import_checkpoint(str(checkpoints["tiny-sd15"]), tmp_path / "u.irpa")
+    expected = load_file(str(checkpoints["tiny-sd15"] / "diffusion_pytorch_model.safetensors"))
+    model, config = load_model(tmp_path / "u.irpa")
+    assert not model.training and config == model.config
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    half, _ = load_model(tmp_path / "u.irpa", dtype="float16")
+    assert all(v.dtype == torch.float16 and torch.equal(v, expected[k].half()) for k, v in half.state_dict().items())
+    _, state = load_irpa(tmp_path / "u.irpa")
+    assert state["conv_in.weight"].shape == (32, 4, 3, 3) and state["conv_in.weight"].dtype == torch.float32
+
+
+def test_archives_not_written_by_punet(tmp_path):
+    import iree.runtime as rt
+    import numpy as np
+
+    index = rt.ParameterIndex()
+    index.add_buffer("w", np.ones(4, dtype=np.float32))
+    index.create_archive_file(str(tmp_path / "foreign.irpa"))
+    with pytest.raises(PunetError, match=r"foreign.irpa: no '__punet__' entry \(not written by `punet import`\)"):
+        read_metadata(tmp_path / "foreign.irpa")
+    index = rt.ParameterIndex()
+    index.add_buffer("__punet__", np.frombuffer(json.dumps({"format": "other"}).encode(), dtype=np.uint8).copy())
+    index.create_archive_file(str(tmp_path / "other.irpa"))
+    with pytest.raises(PunetError, match=r"other.irpa: unreadable punet metadata \(expected format punet-irpa-1\)"):
+        read_metadata(tmp_path / "other.irpa")
+    with pytest.raises(PunetError, match=r"absent.irpa: file not found"):
+        read_metadata(tmp_path / "absent.irpa")
+    (tmp_path / "junk.irpa").write_bytes(b"\0" * 64)
+    with pytest.raises(PunetError, match=r"junk.irpa: not an IREE parameter archive \(\S"):
+        read_metadata(tmp_path / "junk.irpa")
+
+
+def test_tensor_without_metadata_is_refused(checkpoints, tmp_path):
+    import iree.runtime as rt
+    import numpy as np
+
+    import_checkpoint(str(checkpoints["tiny-sd15"]), tmp_path / "u.irpa")
+    meta = read_metadata(tmp_path / "u.irpa")
+    index = rt.ParameterIndex()
+    index.add_buffer("__punet__", np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy(), metadata="punet")
+    index.add_buffer("conv_in.bias", np.ones(32, dtype=np.float32), metadata="raw")
+    index.create_archive_file(str(tmp_path / "bare.irpa"))
+    with pytest.raises(PunetError, match=r"bare.irpa: entry 'conv_in.bias' has no tensor metadata"):
+        load_irpa(tmp_path / "bare.irpa")
+    meta["config"]["act_fn"] = "gelu"
+    index = rt.ParameterIndex()
+    index.add_buffer("__punet__", np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy(), metadata="punet")
+    index.create_archive_file(str(tmp_path / "badcfg.irpa"))
+    with pytest.raises(PunetError, match=r"badcfg.irpa: embedded config: unsupported config: act_fn='gelu'"):
+        load_irpa(tmp_path / "badcfg.irpa")
+
+
+def test_load_model_refuses_an_archive_missing_a_tensor(checkpoints, tmp_path):
+    """load_model is strict: an archive short of one tensor is an error, not a model with a hole."""
+    import iree.runtime as rt
+    import numpy as np
+
+    from punet.weights import METADATA_KEY, _tensor_metadata
+
+    import_checkpoint(str(checkpoints["tiny-sd15"]), tmp_path / "u.irpa")
+    meta = read_metadata(tmp_path / "u.irpa")
+    _, state = load_irpa(tmp_path / "u.irpa")
+    index = rt.ParameterIndex()
+    for k, v in state.items():
+        if k != "conv_in.bias":
+            index.add_buffer(k, v.numpy().copy(), metadata=_tensor_metadata("float32", tuple(v.shape)))
+    index.add_buffer(METADATA_KEY, np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy(), metadata="punet")
+    index.create_archive_file(str(tmp_path / "short.irpa"))
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"conv_in.bias\""):
+        load_model(tmp_path / "short.irpa")
