@@ -47,7 +47,7 @@ def render(results: dict, threads: int, tflop: dict, outdir: Path) -> tuple[str,
         "",
         "Each row is the median of the timed calls of one process per size that alternates all runners on the "
         "same inputs (warm-up excluded). Ratio: torch eager fp32 median / this median (>1 is faster). "
-        f"FLOP floor: the call's FLOPs / this CPU's fp32 peak"
+        "FLOP floor: the call's FLOPs / this CPU's fp32 peak"
         + (f" ({peak_tflops:.3f} TFLOP/s = {ghz:.2f} GHz x {per_cycle} FLOP/cycle x {threads} cores)"
            if peak_tflops else "")
         + "; `floor / time` is the fraction of that peak reached.",

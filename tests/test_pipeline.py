@@ -9,7 +9,6 @@ import shlex
 import subprocess
 
 import pytest
-import torch
 
 from punet.compile import compile_flags, compile_vmfb, get_target, iree_compile
 from punet.eager import call_model, cast_inputs

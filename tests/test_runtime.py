@@ -98,8 +98,7 @@ def test_session_bf16_in_and_out(built):
 def test_session_load_refusals(built, tmp_path):
     vmfb, irpa = built["float32"]
     bf16_irpa = built["bfloat16"][1]
-    with pytest.raises(PunetError, match=rf"{bf16_irpa}: weights digest \w{{12}} does not match the one "
-                                         rf"{vmfb.name} was exported from \(\w{{12}}, {irpa}\)"):
+    with pytest.raises(PunetError, match=rf"{bf16_irpa}: weights are bfloat16, {vmfb.name} takes float32"):
         Session.load(vmfb, bf16_irpa)
     with pytest.raises(PunetError, match=r"unknown device 'tpu' \(expected one of: local-task, local-sync, hip"):
         Session.load(vmfb, irpa, device="tpu")
@@ -117,13 +116,19 @@ def test_session_load_refusals(built, tmp_path):
         Session.load(tmp_path / "absent.vmfb", irpa)
 
 
-def test_other_weights_only_with_verify_weights_false(built):
-    """An archive of the same architecture with other weights: refused, or used when asked."""
+def test_other_weights_reported_or_refused_with_exact_weights(built):
+    """An archive of the same architecture with other weights (a fine-tune): used and reported,
+    or refused with exact_weights."""
     vmfb, irpa = built["float32"]
     other = built["other"]
-    with pytest.raises(PunetError, match="does not match the one"):
-        Session.load(vmfb, other)
-    session = Session.load(vmfb, other, verify_weights=False)
+    with pytest.raises(PunetError, match=rf"weights digest \w{{12}} differs from the archive {vmfb.name} was "
+                                         rf"exported from \(\w{{12}}, {irpa}\) and --exact-weights was given"):
+        Session.load(vmfb, other, exact_weights=True)
+    notes = []
+    session = Session.load(vmfb, other, progress=notes.append)
+    assert len(notes) == 1 and "same architecture, running with these weights" in notes[0]
+    Session.load(vmfb, irpa, progress=notes.append)
+    assert len(notes) == 1  # the exported archive itself: nothing to report
     x = make_inputs(session.config, session.signature, 2)
     got = session(x)
     assert rel_l2(got, _eager_fp32(other, x)) <= 1e-4  # the parameters really come from `other`
@@ -317,3 +322,16 @@ def test_device_not_available_is_one_line(built, tmp_path):
     (tmp_path / "gpu.vmfb.json").write_text(json.dumps({**info, "driver": "hip", "target": "gfx942"}))
     with pytest.raises(PunetError, match=r"^device 'hip' is not available here: \S.*$"):
         Session.load(gpu, irpa, device="hip")
+
+
+def test_archive_of_another_architecture_is_refused(built):
+    """Guards: a check that compares only dtypes (or nothing) letting an archive of another
+    architecture reach the runtime, which fails there on a missing or misshapen parameter."""
+    from punet.runtime import check_archive_fits
+
+    vmfb, irpa = built["float32"]
+    info, meta = load_build_info(vmfb), read_metadata(irpa)
+    check_archive_fits(info, meta, vmfb, irpa)  # its own archive fits
+    wider = {**meta, "config": {**meta["config"], "cross_attention_dim": 2 * meta["config"]["cross_attention_dim"]}}
+    with pytest.raises(PunetError, match=r"another architecture than .* \(config differs in: cross_attention_dim\)"):
+        check_archive_fits(info, wider, vmfb, irpa)
