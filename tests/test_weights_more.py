@@ -379,3 +379,26 @@ def test_import_passes_revision_and_variant_to_the_hub(tmp_path, fake_hub):
     assert calls == [("org/pipe", "v2", _patterns("fp16"))]
     assert meta["revision"] == "c0ffee" and meta["variant"] == "fp16" and meta["dtype"] == "float16"
     assert said[0] == "downloading the UNet of org/pipe (revision v2) from the Hugging Face hub"
+
+
+def test_import_reports_progress_and_provenance(checkpoints, tmp_path):
+    """on_tensor counts 1..n of n; the last message names the output; provenance is recorded."""
+    import datetime
+
+    import iree.runtime as rt
+
+    src = checkpoints["tiny-sd15"]
+    out = tmp_path / "u.irpa"
+    counts, said = [], []
+    meta = import_checkpoint(str(src), out, dtype="float16", progress=said.append,
+                             on_tensor=lambda i, n: counts.append((i, n)))
+    n = meta["num_tensors"]
+    assert counts == [(i, n) for i in range(1, n + 1)]
+    assert said[-1] == f"writing {out}"
+    created = datetime.datetime.fromisoformat(meta["created"])
+    assert created.utcoffset() == datetime.timedelta(0) and meta["created"].endswith("+00:00")
+    assert abs(datetime.datetime.now(datetime.timezone.utc) - created) < datetime.timedelta(minutes=5)
+    assert meta["source_dir"] == str(src.resolve()) and read_metadata(out) == meta
+    index = rt.ParameterIndex()
+    index.load(str(out))
+    assert dict(index.items())["__punet__"].metadata == b"punet-metadata"
