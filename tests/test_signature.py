@@ -165,3 +165,18 @@ def test_signature_from_inputs_refuses():
         signature_from_inputs(TINY, dict(x, encoder_hidden_states=x["encoder_hidden_states"][0]), "in.st")
     with pytest.raises(PunetError, match=r"^in.st: input 'text_embeds' has shape \[1, 63\], expected \[1, 64\]"):
         signature_from_inputs(TINY, dict(x, text_embeds=x["text_embeds"][:, :63]), "in.st")
+
+
+def test_time_ids_fallback_and_narrowest_text_width():
+    """Only 6 or 5 time ids are inferred (a width fitting 7 is the 6-id layout); 1-wide text embeds are valid."""
+    seven = UNetConfig.from_dict({**config_dict("tiny-sdxl"), "projection_class_embeddings_input_dim": 1280 + 112})
+    assert num_time_ids(seven) == 6 and text_embeds_width(seven) == 1280 + 16
+    one = UNetConfig.from_dict({**config_dict("tiny-sdxl"), "projection_class_embeddings_input_dim": 6 * 16 + 1})
+    assert text_embeds_width(one) == 1
+
+
+def test_timesteps_cover_0_to_999():
+    """Generated timesteps are integers drawn from the scheduler's whole range [0, 999]."""
+    t = make_inputs(TINY, Signature(8192, 8, 8, tokens=1), 0)["timestep"]
+    assert t.min() == 0 and t.max() == 999
+    assert torch.equal(make_inputs(TINY, Signature(8192, 8, 8, tokens=1))["timestep"], t)  # seed 0 by default
