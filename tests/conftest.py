@@ -15,6 +15,21 @@ from punet.builtin import TINY_CONFIGS, config_dict, random_state_dict
 FAMILIES = list(TINY_CONFIGS)
 CONFIG_DIR = Path(__file__).parent / "data" / "configs"
 
+# Two levels, one layer each: every op kind of SDXL's UNet at the lowest export and compile cost.
+MICRO_SDXL = {
+    "addition_embed_type": "text_time",
+    "use_linear_projection": True,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64],
+    "attention_head_dim": [1, 2],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "cross_attention_dim": 32,
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 32 + 6 * 8,
+}
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

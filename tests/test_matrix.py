@@ -31,24 +31,9 @@ from punet.runtime import Session
 from punet.signature import Signature, make_inputs
 from punet.weights import import_checkpoint, load_model
 
-from .conftest import rel_l2
+from .conftest import MICRO_SDXL, rel_l2
 from .vmfb_check import check_vmfb
 
-# Two levels, one layer each: every op kind of SDXL's UNet at the lowest compile cost.
-MICRO_SDXL = {
-    "_class_name": "UNet2DConditionModel",
-    "addition_embed_type": "text_time",
-    "use_linear_projection": True,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [32, 64],
-    "attention_head_dim": [1, 2],
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "cross_attention_dim": 32,
-    "addition_time_embed_dim": 8,
-    "projection_class_embeddings_input_dim": 32 + 6 * 8,
-}
 SIG = dict(batch=2, height=128, width=128)  # the size the issue reported the failures at
 DTYPES = ("float32", "float16", "bfloat16")
 # Compiled CPU modules vs torch eager fp32 (relative L2): fp32 is rounding only; fp16/bf16 carry their

@@ -30,7 +30,7 @@ from punet.pipeline import DemoResult
 from punet.signature import Signature, make_inputs, num_time_ids, text_embeds_width
 from punet.weights import import_checkpoint
 
-from .conftest import CONFIG_DIR, diffusers_tiny, rel_l2
+from .conftest import MICRO_SDXL, CONFIG_DIR, diffusers_tiny, rel_l2
 from .test_model import _inputs, _our_call, _pair, _ref_call
 
 # ---- time embedding: freq_shift and flip_sin_to_cos ------------------------------
@@ -73,20 +73,6 @@ def test_time_embedding_config_keys_match_diffusers(overrides):
 # ---- low precision: softmax and norm statistics in fp32 ----------------------------
 
 
-# Two levels, one layer each: every op kind of SDXL's UNet at the lowest export cost.
-MICRO_SDXL = {
-    "addition_embed_type": "text_time",
-    "use_linear_projection": True,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [32, 64],
-    "attention_head_dim": [1, 2],
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "cross_attention_dim": 32,
-    "addition_time_embed_dim": 8,
-    "projection_class_embeddings_input_dim": 32 + 6 * 8,
-}
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,7 @@ from punet.signature import Signature, make_inputs
 from punet.tensors import load_tensors
 from punet.weights import import_checkpoint, load_model, read_metadata
 
-from .conftest import rel_l2
-from .test_regressions import MICRO_SDXL
+from .conftest import MICRO_SDXL, rel_l2
 
 H = W = 64
 
