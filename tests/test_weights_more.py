@@ -306,6 +306,7 @@ def test_record_refusals_count_the_rest(checkpoints, tmp_path):
     f1, f2 = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     records = [TensorRecord(k, f1, "float32", s, 0, 0) for k, s in shapes.items()]
     keys = list(shapes)
+    extra2 = [TensorRecord(f"x{i}", f1, "float32", (1,), 0, 0) for i in range(2)]
 
     def refused(recs) -> str:
         with pytest.raises(PunetError) as info:
@@ -313,7 +314,9 @@ def test_record_refusals_count_the_rest(checkpoints, tmp_path):
         return str(info.value)
 
     assert refused(records[1:]) == f"W: missing tensor {keys[0]!r} (required by config.json)"
+    assert refused(records[2:]) == f"W: missing tensor {keys[0]!r} and 1 more (required by config.json)"
     assert refused(records[3:]) == f"W: missing tensor {keys[0]!r} and 2 more (required by config.json)"
+    assert refused(records + extra2) == "W: unexpected tensor 'x0' and 1 more (not in the model config.json describes)"
     extra = [TensorRecord(f"x{i}", f1, "float32", (1,), 0, 0) for i in range(3)]
     assert refused(records + extra[:1]) == "W: unexpected tensor 'x0' (not in the model config.json describes)"
     assert refused(records + extra) == "W: unexpected tensor 'x0' and 2 more (not in the model config.json describes)"
