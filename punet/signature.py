@@ -161,11 +161,12 @@ def make_inputs(config: UNetConfig, sig: Signature, seed: int = 0) -> dict[str, 
 
 
 def deepest_latent(config: UNetConfig, sig: Signature) -> tuple[int, int]:
-    """The (h, w) of the deepest feature map: the latent halved (rounding up) once per downsampling level."""
-    h, w = sig.height // LATENT_SCALE, sig.width // LATENT_SCALE
-    for _ in range(len(config.down_block_types) - 1):
-        h, w = -(-h // 2), -(-w // 2)
-    return h, w
+    """The (h, w) of the deepest feature map: the latent halved (rounding up) once per downsampling level.
+
+    Halving with rounding up k times is one division by 2**k, rounded up.
+    """
+    q = 2 ** (len(config.down_block_types) - 1)
+    return -(-sig.height // LATENT_SCALE // q), -(-sig.width // LATENT_SCALE // q)
 
 
 def check_fits(config: UNetConfig, sig: Signature) -> None:
@@ -181,14 +182,7 @@ def check_fits(config: UNetConfig, sig: Signature) -> None:
     if min(deepest) >= 2:
         return
     key, px = ("height", sig.height) if deepest[0] < 2 else ("width", sig.width)
-    need = 1
-    while True:  # the smallest latent side that stays >= 2 after levels - 1 halvings
-        n = need
-        for _ in range(levels - 1):
-            n = -(-n // 2)
-        if n >= 2:
-            break
-        need += 1
+    need = 2 ** (levels - 1) + 1  # the smallest latent side still >= 2 after levels - 1 halvings
     raise PunetError(
         f"{key} {px} px: the latent ({px // LATENT_SCALE}) is halved {levels - 1} times by the model's {levels} "
         f"levels down to 1x1, which IREE cannot compile; use a {key} of at least {need * LATENT_SCALE} px"
