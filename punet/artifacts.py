@@ -15,12 +15,11 @@ def irpa_name(dtype: str) -> str:
 
 
 def stem(sig: Signature, decomposed: bool = False) -> str:
-    """e.g. unet_b1_1024x1024_f16, unet_b2_1024x1024_f16_cfg_decomposed."""
+    """e.g. unet_b1_1024x1024_f16, unet_b2_1024x1024_f16_cfg_decomposed, unet_b1_1024x1024_f16_t64_scheduled."""
     s = f"unet_b{sig.batch}_{sig.height}x{sig.width}_{DTYPE_SHORT[sig.dtype]}"
     if sig.tokens != 77:
         s += f"_t{sig.tokens}"
-    if sig.cfg:
-        s += "_cfg"
+    s += "_scheduled" if sig.scheduled else "_serving" if sig.serving else "_cfg" if sig.cfg else ""
     if decomposed:
         s += "_decomposed"
     return s

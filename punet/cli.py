@@ -146,7 +146,14 @@ def _signature_from_args(args, dtype: str):
     from .signature import Signature
 
     shape = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in DEFAULT_SHAPE.items()}
-    return Signature(dtype=dtype, cfg=args.cfg, **shape)
+    return Signature(
+        dtype=dtype,
+        cfg=getattr(args, "cfg", False),
+        serving=getattr(args, "serving", False),
+        scheduled=getattr(args, "scheduled", False),
+        module_name=getattr(args, "module_name", None) or "",
+        **shape,
+    )
 
 
 def _check_shape_args_match(args, module_sig) -> None:
@@ -199,7 +206,10 @@ def cmd_run(args) -> int:
         device = args.device or "local-task"
         if device not in DEVICES:
             raise UsageError(f"--device {device}: expected an IREE device for a .vmfb ({', '.join(DEVICES)})")
-        _check_shape_args_match(args, Signature(**load_build_info(artifact)["signature"]))
+        module_sig = Signature(**load_build_info(artifact)["signature"])
+        if module_sig.scheduled:
+            raise UsageError(f"{artifact} is a scheduled module (a whole denoising step): run it with `punet generate`")
+        _check_shape_args_match(args, module_sig)
         info = run_vmfb(
             artifact,
             args.irpa,
@@ -272,6 +282,7 @@ def cmd_export(args) -> int:
             args.output,
             sig=_signature_from_args(args, dtype),
             decompose_attention=args.decompose_attention,
+            scheduler=args.scheduler_config,
             force=args.force,
             progress=_say,
         )
@@ -279,6 +290,73 @@ def cmd_export(args) -> int:
         print(f"{res.mlir} is up to date (reused; --force rebuilds)")
     else:
         print(f"wrote {res.mlir} ({res.mlir.stat().st_size / 2**20:.1f} MiB) and {res.signature.name} in {res.seconds:.1f} s")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .fileio import check_output
+    from .scheduled.generate import generate
+
+    artifact = Path(args.artifact)
+    check_output(args.output)
+    if args.save_inputs:
+        check_output(args.save_inputs, "--save-inputs")
+    sig = None
+    if artifact.suffix == ".vmfb":
+        from .runtime import DEVICES
+
+        device = args.device or "local-task"
+        if device not in DEVICES:
+            raise UsageError(f"--device {device}: expected an IREE device for a .vmfb ({', '.join(DEVICES)})")
+        given = [f"--{k}" for k in (*DEFAULT_SHAPE, "dtype") if getattr(args, k) is not None]
+        if given:
+            raise UsageError(f"{given[0]}: a compiled module runs at the shapes it was exported for")
+    elif artifact.suffix == ".irpa":
+        from .weights import read_metadata
+
+        device = _torch_device(args.device)
+        if not args.inputs:
+            sig = _signature_from_args(args, args.dtype or read_metadata(artifact)["dtype"])
+            sig = type(sig)(**{**sig.to_dict(), "scheduled": True, "module_name": ""})
+    else:
+        raise UsageError(f"{artifact}: expected a scheduled .vmfb or an .irpa")
+    steps_ms: list[float] = []
+    with Progress(
+        TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[last]}"),
+        TimeElapsedColumn(), console=_console(), transient=True,
+    ) as bar:
+        task = bar.add_task("steps", total=args.steps, last="")
+
+        def on_step(i: int, ms: float) -> None:
+            steps_ms.append(ms)
+            bar.update(task, completed=i + 1, last=f"{ms:.1f} ms/step")
+
+        res = generate(
+            artifact,
+            args.output,
+            steps=args.steps,
+            guidance=args.guidance,
+            irpa=args.irpa,
+            inputs=args.inputs,
+            seed=args.seed,
+            save_inputs=args.save_inputs,
+            sig=sig,
+            scheduler=args.scheduler_config,
+            device=device,
+            exact_weights=args.exact_weights,
+            progress=_say,
+            on_step=on_step,
+        )
+    import statistics
+
+    sig = res.signature
+    print(
+        f"wrote {args.output}: {res.steps} steps, guidance {res.guidance:g}, batch {sig.batch}, "
+        f"{sig.height}x{sig.width}, {sig.dtype}, {res.runner}: median {statistics.median(res.step_ms):.1f} ms/step "
+        f"(min {min(res.step_ms):.1f}), initialize {res.initialize_ms:.1f} ms"
+    )
     return 0
 
 
@@ -540,8 +618,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention as matmul + fp32 softmax (not needed: `punet compile` derives it for targets that want it)",
     )
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date artifact exists")
+    p.add_argument(
+        "--scheduled",
+        action="store_true",
+        help="the scheduled UNet: run_initialize + run_forward (CFG UNet call and Euler step), "
+        "as shark-ai's SDXL server calls them",
+    )
+    p.add_argument(
+        "--serving",
+        action="store_true",
+        help="the CFG step as shark-ai's server calls it: `main`, timestep and conditioning in the model dtype",
+    )
+    p.add_argument("--module-name", help="MLIR module name (default: module; compiled_punet with --serving; "
+                   "compiled_spunet with --scheduled)")
+    p.add_argument("--scheduler-config", help="a diffusers scheduler_config.json for --scheduled "
+                   "(EulerDiscreteScheduler; default SDXL base's)")
     _add_shape_args(p)
     p.set_defaults(func=cmd_export)
+
+    p = verb(
+        "generate",
+        "run a whole denoising loop: a scheduled .vmfb (IREE) or an .irpa (torch eager); writes the final latents",
+        "punet generate unet_b1_1024x1024_f16_t64_scheduled.cpu.vmfb --irpa unet_f16.irpa --steps 20 "
+        "--guidance 7.5 -o latents.safetensors",
+    )
+    p.add_argument("artifact", help="scheduled .vmfb (from `punet export --scheduled`) or .irpa (torch eager)")
+    p.add_argument("-o", "--output", required=True, help="output safetensors (key 'sample': the final latents)")
+    p.add_argument("--irpa", help="parameter archive for a .vmfb")
+    p.add_argument("--steps", type=_int_at_least(1), default=20, help="denoising steps, 1 to 99 (default 20)")
+    p.add_argument("--guidance", type=_non_negative_float, default=7.5, help="guidance scale (default 7.5)")
+    p.add_argument("--inputs", help="safetensors with sample (initial noise), encoder_hidden_states and text_embeds "
+                   "(2B rows: negative, then positive) and optionally time_ids")
+    p.add_argument("--save-inputs", help="also write the inputs used")
+    p.add_argument("--seed", type=int, default=0, help="seed for generated inputs (default 0)")
+    p.add_argument("--device", help="an .irpa: torch device (default cpu); a .vmfb: IREE device (default local-task)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="an .irpa: must equal its dtype (default: the .irpa's)")
+    p.add_argument("--scheduler-config", help="an .irpa: a diffusers scheduler_config.json (default SDXL base's)")
+    p.add_argument("--exact-weights", action="store_true",
+                   help="a .vmfb: refuse an archive whose weights differ from the one it was exported from")
+    p.add_argument("--batch", type=_int_at_least(1), default=None, help="an .irpa: batch size (default 1)")
+    p.add_argument("--height", type=_pixels, default=None, help="an .irpa: image height in pixels (default 1024)")
+    p.add_argument("--width", type=_pixels, default=None, help="an .irpa: image width in pixels (default 1024)")
+    p.add_argument("--tokens", type=_int_at_least(1), default=None, help="an .irpa: text tokens (default 77)")
+    p.set_defaults(func=cmd_generate)
 
     p = verb(
         "compile",

@@ -7,6 +7,7 @@ the UNet's inputs are written down exactly once.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,6 +20,16 @@ SCOPE = "model"
 # Entry functions of the exported module.
 ENTRY_MAIN = "main"
 ENTRY_CFG = "main_cfg"
+# The entries shark-ai's SDXL server (shortfin_apps.sd) calls: the scheduled UNet's, and the CFG UNet's.
+ENTRY_INITIALIZE = "run_initialize"
+ENTRY_FORWARD = "run_forward"
+ENTRY_SERVING = "main"
+# Module names: iree-turbine's default, and the names shark-ai's server configs use.
+MODULE_DEFAULT = "module"
+MODULE_SERVING = "compiled_punet"
+MODULE_SCHEDULED = "compiled_spunet"
+# The scheduled UNet's step tables: row n holds the n-step schedule, zero-padded (n <= 99).
+TABLE_WIDTH = 100
 
 # The VAE's spatial downscale: latent = pixels / 8.
 LATENT_SCALE = 8
@@ -33,6 +44,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 # Short names for artifact file names and IREE.
 DTYPE_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+# Tensor dtypes an entry may take besides the model dtypes: step counts and indices.
+TENSOR_DTYPES: dict[str, torch.dtype] = {**DTYPES, "int64": torch.int64}
 
 INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
 CFG_INPUT_NAMES = INPUT_NAMES + ("guidance_scale",)
@@ -61,7 +74,16 @@ class TensorSpec:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return TENSOR_DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One function of the exported module: its name, arguments in order, and results."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
 
 
 def num_time_ids(config: UNetConfig) -> int:
@@ -99,8 +121,22 @@ class Signature:
     dtype: str = "float32"
     tokens: int = DEFAULT_TOKENS
     cfg: bool = False  # classifier-free guidance entry: 2*batch text rows, guided output
+    # The CFG entry as shark-ai's server calls it: `main`, conditioning in the model dtype (implies cfg).
+    serving: bool = False
+    # run_initialize + run_forward: CFG UNet call and Euler step in one function (implies serving).
+    scheduled: bool = False
+    module_name: str = ""  # "" = the default for the kind: module, compiled_punet, compiled_spunet
 
     def __post_init__(self):
+        if self.scheduled:
+            object.__setattr__(self, "serving", True)
+        if self.serving:
+            object.__setattr__(self, "cfg", True)
+        if not self.module_name:
+            default = MODULE_SCHEDULED if self.scheduled else MODULE_SERVING if self.serving else MODULE_DEFAULT
+            object.__setattr__(self, "module_name", default)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.module_name):
+            raise PunetError(f"module name {self.module_name!r} must be an identifier (letters, digits, _)")
         if self.batch < 1:
             raise PunetError(f"batch must be >= 1, got {self.batch}")
         for key in ("height", "width"):
@@ -109,31 +145,72 @@ class Signature:
                 raise PunetError(f"{key} must be a positive multiple of {LATENT_SCALE} pixels, got {v}")
         if self.dtype not in DTYPES:
             raise PunetError(f"unknown dtype {self.dtype!r} (expected one of: {', '.join(DTYPES)})")
+        if self.serving and not self.scheduled and self.dtype == "bfloat16":
+            raise PunetError(
+                "the serving entry takes its timestep in the model dtype, and bfloat16 rounds timesteps "
+                "(999 becomes 1000): export it in float16 or float32, or export --scheduled (timesteps stay float32)"
+            )
 
     @property
     def entry(self) -> str:
-        return ENTRY_CFG if self.cfg else ENTRY_MAIN
+        """The one entry of a single-entry module (not of a scheduled one: see `entries`)."""
+        if self.scheduled:
+            raise PunetError(f"a scheduled module has two entries ({ENTRY_INITIALIZE}, {ENTRY_FORWARD}), not one")
+        return ENTRY_SERVING if self.serving else ENTRY_CFG if self.cfg else ENTRY_MAIN
+
+    def entries(self, config: UNetConfig) -> list[Entry]:
+        """Every function of the module, in export order."""
+        if not self.scheduled:
+            return [Entry(self.entry, tuple(self.inputs(config)), (self.output(config),))]
+        b, rows, dt = self.batch, 2 * self.batch, self.dtype
+        latent = self._latent(config.in_channels)
+        if not config.has_text_time:
+            raise PunetError("a scheduled module is SDXL's: the config needs addition_embed_type 'text_time'")
+        text = (
+            TensorSpec("prompt_embeds", (rows, self.tokens, config.cross_attention_dim), dt),
+            TensorSpec("text_embeds", (rows, text_embeds_width(config)), dt),
+        )
+        time_ids = TensorSpec("time_ids", (rows, num_time_ids(config)), "float32")
+        tables = (TensorSpec("timesteps", (TABLE_WIDTH,), "float32"), TensorSpec("sigmas", (TABLE_WIDTH,), "float32"))
+        latents = TensorSpec("latents", (b, *latent), dt)
+        return [
+            Entry(
+                ENTRY_INITIALIZE,
+                (TensorSpec("sample", (b, *latent), dt), TensorSpec("num_steps", (1,), "int64")),
+                (latents, time_ids, *tables),
+            ),
+            Entry(
+                ENTRY_FORWARD,
+                (latents, *text, time_ids, TensorSpec("guidance_scale", (1,), dt), TensorSpec("step_index", (1,), "int64"), *tables),
+                (latents,),
+            ),
+        ]
+
+    def _latent(self, channels: int) -> tuple[int, int, int]:
+        return (channels, self.height // LATENT_SCALE, self.width // LATENT_SCALE)
 
     def inputs(self, config: UNetConfig) -> list[TensorSpec]:
-        """Input tensors in the order of the entry function's arguments."""
+        """Input tensors in the order of the (single) entry function's arguments."""
+        if self.scheduled:
+            raise PunetError(f"a scheduled module has two entries ({ENTRY_INITIALIZE}, {ENTRY_FORWARD}), not one")
         b = self.batch
         rows = 2 * b if self.cfg else b  # negative then positive prompt rows
+        # The serving entry takes one timestep and its conditioning in the model dtype, as the server sends them.
+        cond = self.dtype if self.serving else "float32"
         specs = [
-            TensorSpec("sample", (b, config.in_channels, self.height // LATENT_SCALE, self.width // LATENT_SCALE), self.dtype),
-            TensorSpec("timestep", (b,), "float32"),
+            TensorSpec("sample", (b, *self._latent(config.in_channels)), self.dtype),
+            TensorSpec("timestep", (1,) if self.serving else (b,), cond),
             TensorSpec("encoder_hidden_states", (rows, self.tokens, config.cross_attention_dim), self.dtype),
         ]
         if config.has_text_time:
             specs.append(TensorSpec("text_embeds", (rows, text_embeds_width(config)), self.dtype))
-            specs.append(TensorSpec("time_ids", (rows, num_time_ids(config)), "float32"))
+            specs.append(TensorSpec("time_ids", (rows, num_time_ids(config)), cond))
         if self.cfg:
-            specs.append(TensorSpec("guidance_scale", (1,), "float32"))
+            specs.append(TensorSpec("guidance_scale", (1,), cond))
         return specs
 
     def output(self, config: UNetConfig) -> TensorSpec:
-        b = self.batch
-        shape = (b, config.out_channels, self.height // LATENT_SCALE, self.width // LATENT_SCALE)
-        return TensorSpec(OUTPUT_NAME, shape, self.dtype)
+        return TensorSpec(OUTPUT_NAME, (self.batch, *self._latent(config.out_channels)), self.dtype)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,17 +224,24 @@ def make_inputs(config: UNetConfig, sig: Signature, seed: int = 0) -> dict[str, 
         if spec.name == "timestep":
             t = torch.randint(0, 1000, spec.shape, generator=g).float()
         elif spec.name == "time_ids":
-            n = spec.shape[1]
-            h, w = float(sig.height), float(sig.width)
-            # Original size, crop top-left, then target size (base) or aesthetic score (refiner).
-            row = [h, w, 0.0, 0.0, h, w] if n == 6 else [h, w, 0.0, 0.0, 6.0][:n] + [0.0] * max(0, n - 5)
-            t = torch.tensor(row, dtype=torch.float32).expand(spec.shape).clone()
+            t = default_time_ids(sig, spec.shape[0], spec.shape[1])
         elif spec.name == "guidance_scale":
             t = torch.tensor([7.5], dtype=torch.float32)
         else:
             t = torch.randn(spec.shape, generator=g, dtype=torch.float32)
         out[spec.name] = t.to(spec.torch_dtype)
     return out
+
+
+def default_time_ids(sig: Signature, rows: int, n: int) -> torch.Tensor:
+    """SDXL micro-conditioning for an uncropped image of the signature's size, float32 (rows, n).
+
+    Original size, crop top-left (0, 0), then the target size (base, 6
+    values) or an aesthetic score of 6 (refiner, 5 values).
+    """
+    h, w = float(sig.height), float(sig.width)
+    row = [h, w, 0.0, 0.0, h, w] if n == 6 else [h, w, 0.0, 0.0, 6.0][:n] + [0.0] * max(0, n - 5)
+    return torch.tensor(row, dtype=torch.float32).expand(rows, n).clone()
 
 
 def deepest_latent(config: UNetConfig, sig: Signature) -> tuple[int, int]:

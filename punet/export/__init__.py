@@ -48,31 +48,74 @@ class ExportResult:
     seconds: float
 
 
-def build_export_model(config: UNetConfig, sig: Signature, decompose_attention: bool) -> nn.Module:
-    """The meta-device module to export, parameters marked external under SCOPE."""
+def _meta_unet(config: UNetConfig, sig: Signature, decompose_attention: bool) -> nn.Module:
+    """The float UNet on the meta device, parameters marked external under SCOPE."""
     from iree.turbine import aot
 
-    from ..model import GuidedUNet, UNet2DConditionModel
+    from ..model import UNet2DConditionModel
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(config).to(dtype_from_name(sig.dtype)).eval()
     unet.set_decomposed_attention(decompose_attention)
     aot.externalize_module_parameters(unet, external_scope=SCOPE)
+    return unet
+
+
+def build_export_model(
+    config: UNetConfig, sig: Signature, decompose_attention: bool, scheduler: dict[str, Any] | None = None
+) -> nn.Module:
+    """The module to export: the UNet, its CFG step, the serving CFG step or the scheduled UNet."""
+    from ..model import GuidedUNet
+
+    unet = _meta_unet(config, sig, decompose_attention)
+    if sig.scheduled:
+        from ..scheduled import ScheduledUNet, SchedulerConfig
+        from ..signature import default_time_ids
+
+        cfg = SchedulerConfig.from_dict(scheduler) if scheduler else SchedulerConfig.sdxl()
+        time_ids = default_time_ids(sig, 2 * sig.batch, sig.entries(config)[0].outputs[1].shape[1])
+        # The step tables are real float32 constants; only the UNet's weights live on the meta device.
+        return ScheduledUNet(unet, cfg, time_ids)
+    if sig.serving:
+        from ..scheduled import ServingUNet
+
+        return _Entry(ServingUNet(unet), [s.name for s in sig.inputs(config)])
     model = GuidedUNet(unet) if sig.cfg else unet
     return _Entry(model, [s.name for s in sig.inputs(config)])
 
 
-def export_module(config: UNetConfig, sig: Signature, decompose_attention: bool = False):
-    """iree-turbine ExportOutput of the entry `sig.entry`."""
+def export_module(
+    config: UNetConfig, sig: Signature, decompose_attention: bool = False, scheduler: dict[str, Any] | None = None
+):
+    """iree-turbine ExportOutput of every entry of `sig`, in a module named `sig.module_name`."""
     from iree.turbine import aot
 
-    entry = build_export_model(config, sig, decompose_attention)
-    args = tuple(torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in sig.inputs(config))
+    model = build_export_model(config, sig, decompose_attention, scheduler)
+
+    def meta_args(entry) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in entry.inputs)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         # Non-strict export is deliberate: it traces the keyword-only forward as plain Python.
         warnings.filterwarnings("ignore", message="When strict_export == False")
-        return aot.export(entry, args=args, function_name=sig.entry, strict_export=False)
+        if not sig.scheduled:
+            (entry,) = sig.entries(config)
+            return aot.export(
+                model, args=meta_args(entry), function_name=entry.name, module_name=sig.module_name, strict_export=False
+            )
+        init, fwd = sig.entries(config)
+        fxb = aot.FxProgramsBuilder(model)
+
+        @fxb.export_program(name=init.name, args=meta_args(init), strict=False)
+        def _initialize(module, *args):
+            return module.initialize(*args)
+
+        @fxb.export_program(name=fwd.name, args=meta_args(fwd), strict=False)
+        def _forward(module, *args):
+            return module.forward(*args)
+
+        return aot.export(fxb, module_name=sig.module_name)
 
 
 def export_mlir(
@@ -81,10 +124,14 @@ def export_mlir(
     *,
     sig: Signature,
     decompose_attention: bool = False,
+    scheduler: str | Path | None = None,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export the UNet described by `irpa` at the static shapes of `sig`.
+
+    A scheduled signature builds its step tables from `scheduler` (a
+    diffusers scheduler_config.json; default SDXL base's, shipped with punet).
 
     Only the archive's config and dtype matter: the weights stay external, so
     the build key (and the cache) ignores them, and an archive of the same
@@ -101,10 +148,20 @@ def export_mlir(
         )
     config = UNetConfig.from_dict(meta["config"])
     check_fits(config, sig)
+    sched = None
+    if sig.scheduled:
+        from ..scheduled import SchedulerConfig
+
+        sched = (SchedulerConfig.from_json(scheduler) if scheduler else SchedulerConfig.sdxl()).to_dict()
+        sig.entries(config)  # refuses a config the scheduled module cannot take, before any work
+    elif scheduler:
+        raise PunetError(f"--scheduler-config {scheduler}: only a scheduled export (--scheduled) uses a scheduler")
     output = Path(output) if output else irpa.parent / mlir_name(sig, decompose_attention)
     check_output(output)
     provenance = {"path": str(irpa), "weights_sha256": meta["weights_sha256"], "source": meta["source"]}
-    return _export(meta["config"], sig, decompose_attention, output, provenance, force=force, progress=progress)
+    return _export(
+        meta["config"], sig, decompose_attention, output, provenance, scheduler=sched, force=force, progress=progress
+    )
 
 
 def derive_decomposed(mlir: str | Path, signature: dict[str, Any], progress=None) -> ExportResult:
@@ -117,7 +174,10 @@ def derive_decomposed(mlir: str | Path, signature: dict[str, Any], progress=None
     mlir = Path(mlir)
     sig = Signature(**signature["signature"])
     output = mlir.with_name(f"{mlir.stem}_decomposed.mlir")
-    return _export(signature["config"], sig, True, output, signature["irpa"], force=False, progress=progress)
+    return _export(
+        signature["config"], sig, True, output, signature["irpa"], scheduler=signature.get("scheduler"), force=False,
+        progress=progress,
+    )
 
 
 def _export(
@@ -127,25 +187,29 @@ def _export(
     output: Path,
     provenance: dict[str, Any],
     *,
+    scheduler: dict[str, Any] | None = None,
     force: bool,
     progress: Callable[[str], None] | None,
 ) -> ExportResult:
     config = UNetConfig.from_dict(config_dict)
     sig_path = signature_path(output)
     key = build_key(
-        config=config.to_dict(), sig=sig.to_dict(), decomposed=decompose_attention, punet=__version__,
-        torch=torch.__version__, turbine=_turbine_version(),
+        config=config.to_dict(), sig=sig.to_dict(), decomposed=decompose_attention, scheduler=scheduler,
+        punet=__version__, torch=torch.__version__, turbine=_turbine_version(),
     )
     if not force and up_to_date(output, sig_path, key):
         return ExportResult(output, sig_path, True, 0.0)
 
     t0 = time.perf_counter()
+    entries = sig.entries(config)
+    main = entries[-1]  # the step a benchmark times: run_forward in a scheduled module
     if progress:
+        names = ", ".join(f"{sig.module_name}.{e.name}" for e in entries)
         progress(
-            f"exporting {sig.entry} (batch {sig.batch}, {sig.height}x{sig.width}, {sig.dtype}"
+            f"exporting {names} (batch {sig.batch}, {sig.height}x{sig.width}, {sig.dtype}, {sig.tokens} tokens"
             f"{', attention decomposed' if decompose_attention else ''}) with iree-turbine"
         )
-    exported = export_module(config, sig, decompose_attention)
+    exported = export_module(config, sig, decompose_attention, scheduler)
     with atomic_path(output) as tmp:
         exported.save_mlir(str(tmp))
     write_json_atomic(
@@ -153,18 +217,25 @@ def _export(
         {
             "format": "punet-signature-1",
             "punet_version": __version__,
-            "entry": sig.entry,
+            "module_name": sig.module_name,
+            "entry": main.name,
             "signature": sig.to_dict(),
-            "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in sig.inputs(config)],
-            "outputs": [{"name": o.name, "shape": list(o.shape), "dtype": o.dtype} for o in [sig.output(config)]],
+            "inputs": _specs(main.inputs),
+            "outputs": _specs(main.outputs),
+            "entries": [{"name": e.name, "inputs": _specs(e.inputs), "outputs": _specs(e.outputs)} for e in entries],
             "parameter_scope": SCOPE,
             "decompose_attention": decompose_attention,
             "irpa": provenance,
             "config": config_dict,
+            "scheduler": scheduler,
             "build_key": key,
         },
     )
     return ExportResult(output, sig_path, False, time.perf_counter() - t0)
+
+
+def _specs(specs) -> list[dict[str, Any]]:
+    return [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs]
 
 
 def _turbine_version() -> str:

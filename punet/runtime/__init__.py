@@ -23,7 +23,7 @@ import torch
 from ..artifacts import build_info_path
 from ..config import UNetConfig
 from ..errors import PunetError
-from ..signature import SCOPE, Signature, check_inputs
+from ..signature import SCOPE, Signature, TensorSpec, check_inputs
 
 __all__ = ["Session", "load_build_info", "run_vmfb", "DEVICES"]
 
@@ -33,6 +33,7 @@ _ELEMENT_TYPES = {
     torch.float32: "FLOAT_32",
     torch.float16: "FLOAT_16",
     torch.bfloat16: "BFLOAT_16",
+    torch.int64: "SINT_64",
 }
 
 
@@ -139,41 +140,55 @@ class Session:
         params = rt.create_io_parameters_module(rt_config.vm_instance, provider)
         module = rt.VmModule.mmap(rt_config.vm_instance, str(vmfb))
         session._modules = rt.load_vm_modules(params, module, config=rt_config)
-        session._fn = getattr(session._modules[-1], info["entry"])
+        session.entries = {e.name: e for e in session.signature.entries(session.config)}
+        session._fns = {name: getattr(session._modules[-1], name) for name in session.entries}
+        session._fn = None if session.signature.scheduled else session._fns[info["entry"]]
         session._index = index
         return session
 
-    def to_device(self, tensors: dict[str, torch.Tensor]) -> list:
-        """Inputs as device buffers, in entry-argument order (checked first)."""
-        check_inputs(self.config, self.signature, tensors, "inputs")
+    def upload(self, spec: TensorSpec, t: torch.Tensor) -> Any:
+        """One tensor as a device buffer (shape and dtype checked against `spec`)."""
+        if tuple(t.shape) != spec.shape or t.dtype != spec.torch_dtype:
+            raise PunetError(
+                f"input {spec.name!r}: expected {list(spec.shape)} {spec.dtype}, got {list(t.shape)} {t.dtype}"
+            )
         rt = self._rt
         device = self._rt_config.device
-        out = []
-        for spec in self.signature.inputs(self.config):
-            t = tensors[spec.name].contiguous()
-            host = t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-            out.append(
-                device.allocator.allocate_buffer_copy(
-                    memory_type=rt.MemoryType.DEVICE_LOCAL,
-                    allowed_usage=rt.BufferUsage.DEFAULT,
-                    device=device,
-                    buffer=host,
-                    element_type=getattr(rt.HalElementType, _ELEMENT_TYPES[t.dtype]),
-                )
-            )
-        return out
+        t = t.contiguous()
+        host = t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        return device.allocator.allocate_buffer_copy(
+            memory_type=rt.MemoryType.DEVICE_LOCAL,
+            allowed_usage=rt.BufferUsage.DEFAULT,
+            device=device,
+            buffer=host,
+            element_type=getattr(rt.HalElementType, _ELEMENT_TYPES[t.dtype]),
+        )
+
+    def to_device(self, tensors: dict[str, torch.Tensor]) -> list:
+        """Inputs of the single entry as device buffers, in argument order (checked first)."""
+        check_inputs(self.config, self.signature, tensors, "inputs")
+        return [self.upload(spec, tensors[spec.name]) for spec in self.signature.inputs(self.config)]
 
     def call(self, args: list) -> Any:
-        """Run the entry on device buffers; returns the raw result (synchronised)."""
+        """Run the single entry on device buffers; returns the raw result (synchronised)."""
         result = self._fn(*args)
         return result
 
-    def to_torch(self, result: Any) -> torch.Tensor:
-        spec = self.signature.output(self.config)
+    def invoke(self, name: str, args: list) -> tuple:
+        """Run entry `name` on device arrays (buffers or earlier results); its results stay on the device."""
+        result = self._fns[name](*args)
+        return result if isinstance(result, tuple) else (result,)
+
+    @staticmethod
+    def download(result: Any, spec: TensorSpec) -> torch.Tensor:
+        """A device result as a torch tensor of `spec`'s shape and dtype."""
         host = np.array(result.to_host())  # a copy: the mapping dies with `result`
         if spec.torch_dtype == torch.bfloat16:  # numpy holds it as ml_dtypes.bfloat16
             return torch.from_numpy(host.view(np.uint16)).view(torch.bfloat16).reshape(spec.shape)
         return torch.from_numpy(host).reshape(spec.shape)
+
+    def to_torch(self, result: Any) -> torch.Tensor:
+        return self.download(result, self.signature.output(self.config))
 
     def __call__(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.to_torch(self.call(self.to_device(tensors)))

@@ -67,6 +67,7 @@ class BenchResult:
     eager: Stats | None = None
     host: dict[str, Any] = field(default_factory=dict)
     command: str = ""
+    scheduled: bool = False  # the figure is one denoising step (run_forward), not one UNet call
 
     @property
     def speedup_vs_eager(self) -> float | None:
@@ -90,11 +91,63 @@ def benchmark_command(session: Session, threads: int | None) -> str:
         f"--device={session.device}",
         f"--function={session.info['entry']}",
     ]
-    for spec in session.signature.inputs(session.config):
-        parts.append(f"--input={'x'.join(map(str, spec.shape))}x{short[spec.dtype]}")
+    entry = session.signature.entries(session.config)[-1]
+    for spec in entry.inputs:
+        if spec.dtype == "int64":  # a step count or index: a value, not a random tensor
+            parts.append(f"--input={'x'.join(map(str, spec.shape))}xi64=1")
+        else:
+            parts.append(f"--input={'x'.join(map(str, spec.shape))}x{short[spec.dtype]}")
     if threads and session.device == "local-task":
         parts.append(f"--task_topology_max_group_count={threads}")
     return " ".join(parts)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _step_runners(session: Session, irpa, seed: int, vs_eager: bool):
+    """One UNet (or CFG) call, IREE and optionally torch eager, on the same inputs."""
+    tensors = make_inputs(session.config, session.signature, seed)
+    args = session.to_device(tensors)
+    eager = None
+    if vs_eager:
+        from ..eager import call_model
+        from ..weights import load_model
+
+        model, _ = load_model(irpa, dtype=session.signature.dtype)
+        eager = lambda: _timed(lambda: call_model(model, tensors))  # noqa: E731
+    return (lambda: _timed(lambda: session.to_torch(session.call(args)))), eager
+
+
+# The step a scheduled module's figure is taken at: the first of a 20-step schedule, on the latents
+# run_initialize made for it (every step does the same work; the first one's inputs are the ones a
+# real loop feeds it).
+_BENCH_STEPS, _BENCH_INDEX = 20, 0
+
+
+def _scheduled_runners(session: Session, irpa, seed: int, vs_eager: bool):
+    """One denoising step of a scheduled module (run_forward: CFG UNet call + Euler step), IREE and eager."""
+    from ..scheduled.euler import SchedulerConfig
+    from ..scheduled.generate import CompiledStepper, EagerStepper, eager_scheduled, make_loop_inputs
+
+    sig = session.signature
+    tensors = make_loop_inputs(session.config, sig, seed)
+    stepper = CompiledStepper(session)
+    state = stepper.initialize(tensors["sample"], _BENCH_STEPS)
+
+    def iree() -> float:
+        return _timed(lambda: stepper.latents(stepper.forward(state, tensors, 7.5, _BENCH_INDEX)))
+
+    eager = None
+    if vs_eager:
+        model, _ = eager_scheduled(irpa, sig, SchedulerConfig.from_dict(session.info["scheduler"]))
+        eager_stepper = EagerStepper(model)
+        eager_state = eager_stepper.initialize(tensors["sample"], _BENCH_STEPS)
+        eager = lambda: _timed(lambda: eager_stepper.forward(eager_state, tensors, 7.5, _BENCH_INDEX))  # noqa: E731
+    return iree, eager
 
 
 def host_info() -> dict[str, Any]:
@@ -128,39 +181,25 @@ def benchmark(
     threads = threads or os.cpu_count() or 1
     set_threads(threads)
     session = Session.load(vmfb, irpa, device, exact_weights=exact_weights, progress=say)
-    tensors = make_inputs(session.config, session.signature, seed)
-    args = session.to_device(tensors)
-
-    eager_model = None
     if vs_eager:
-        from ..eager import call_model
-        from ..weights import load_model
-
         torch.set_num_threads(threads)
-        eager_model, _ = load_model(irpa, dtype=session.signature.dtype)
-
-    def iree_once() -> float:
-        t0 = time.perf_counter()
-        session.to_torch(session.call(args))
-        return (time.perf_counter() - t0) * 1e3
-
-    def eager_once() -> float:
-        t0 = time.perf_counter()
-        call_model(eager_model, tensors)
-        return (time.perf_counter() - t0) * 1e3
+    if session.signature.scheduled:
+        iree_once, eager_once = _scheduled_runners(session, irpa, seed, vs_eager)
+    else:
+        iree_once, eager_once = _step_runners(session, irpa, seed, vs_eager)
 
     for i in range(warmup):
         if progress:
             progress(f"warm-up {i + 1}/{warmup}")
         iree_once()
-        if eager_model is not None:
+        if eager_once is not None:
             eager_once()
     iree_ms, eager_ms = [], []
     for i in range(repeat):
         if progress:
             progress(f"call {i + 1}/{repeat}")
         iree_ms.append(iree_once())
-        if eager_model is not None:
+        if eager_once is not None:
             eager_ms.append(eager_once())
     return BenchResult(
         vmfb=str(vmfb),
@@ -170,6 +209,7 @@ def benchmark(
         threads=threads,
         entry=session.info["entry"],
         inputs=session.info["inputs"],
+        scheduled=session.signature.scheduled,
         dtype=session.signature.dtype,
         iree=Stats(iree_ms),
         eager=Stats(eager_ms) if eager_ms else None,
