@@ -317,6 +317,9 @@ def cmd_generate(args) -> int:
         from .weights import read_metadata
 
         device = _torch_device(args.device)
+        given = [f"--{k}" for k in (*DEFAULT_SHAPE, "dtype") if getattr(args, k) is not None]
+        if args.inputs and given:
+            raise UsageError(f"{given[0]}: with --inputs, the loop runs at the shapes and dtype of its tensors")
         if not args.inputs:
             sig = _signature_from_args(args, args.dtype or read_metadata(artifact)["dtype"])
             sig = type(sig)(**{**sig.to_dict(), "scheduled": True, "module_name": ""})

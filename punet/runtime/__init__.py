@@ -211,6 +211,8 @@ def run_vmfb(
     from ..tensors import save_tensors
 
     session = Session.load(vmfb, irpa, device, exact_weights=exact_weights, progress=progress)
+    if session.signature.scheduled:
+        raise PunetError(f"{Path(vmfb).name} is a scheduled module (a whole denoising step): run it with `punet generate`")
     if inputs is not None:
         from ..tensors import load_tensors
 

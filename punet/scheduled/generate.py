@@ -285,7 +285,11 @@ def generate(
         elif sig is None:
             raise PunetError("an .irpa needs the shapes to run at (or an inputs file)")
         if sig.dtype != meta["dtype"]:
-            raise PunetError(f"{artifact}: weights are {meta['dtype']}, the loop asked for {sig.dtype}")
+            asked = f"{inputs}: the inputs are {sig.dtype}" if loaded is not None else f"the loop asked for {sig.dtype}"
+            raise PunetError(
+                f"{asked}, but {artifact.name} holds {meta['dtype']} weights "
+                f"(the loop runs in the archive's dtype: re-import with --dtype {sig.dtype}, or cast the inputs)"
+            )
         cfg = euler.SchedulerConfig.from_json(scheduler) if scheduler else euler.SchedulerConfig.sdxl()
         device = device or "cpu"
         model, config = eager_scheduled(artifact, sig, cfg, device)
