@@ -391,3 +391,25 @@ def test_generate_mistakes_are_one_line(compiled, tmp_path):
     one_line_error(run_cli("export", "unet.irpa", "--scheduled", "--module-name", "a-b", *HW, "-o",
                            str(tmp_path / "x.mlir"), cwd=root), 1, "identifier")
     assert not out.exists() and not (tmp_path / "x.mlir").exists()
+
+
+def test_loop_benchmark_runners_agree(compiled, tmp_path):
+    """Guards: bench/loop.py timing a loop that computes something else than torch's (a runner fed
+    other inputs or another schedule): the scheduled module's latents match torch eager's and the
+    report shows both rows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, _, vmfb = compiled
+    script = Path(__file__).resolve().parents[1] / "bench" / "loop.py"
+    for runner in ("torch", "scheduled"):
+        r = subprocess.run([sys.executable, str(script), runner, "--irpa", str(root / "unet.irpa"), "--vmfb", str(vmfb),
+                            "--steps", "3", "--threads", "1", "--out", str(tmp_path)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, str(script), "--report", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = {row["key"]: row for row in json.loads((tmp_path / "report.json").read_text())}
+    assert set(rows) == {"torch", "scheduled"} and rows["scheduled"]["rel_l2_vs_torch"] <= 1e-4
+    assert rows["torch"]["rel_l2_vs_torch"] == 0 and len(rows["scheduled"]["step_ms"]) == 3
+    assert "64x64, float32, 16 tokens, 3 steps" in r.stdout
