@@ -413,3 +413,23 @@ def test_loop_benchmark_runners_agree(compiled, tmp_path):
     assert set(rows) == {"torch", "scheduled"} and rows["scheduled"]["rel_l2_vs_torch"] <= 1e-4
     assert rows["torch"]["rel_l2_vs_torch"] == 0 and len(rows["scheduled"]["step_ms"]) == 3
     assert "64x64, float32, 16 tokens, 3 steps" in r.stdout
+
+
+def test_cuda_refuses_low_precision_at_token_counts_it_miscompiles():
+    """Guards: a CUDA module that runs but is wrong. On H100/H200, IREE 3.13's float16/bfloat16 CUDA code
+    was wrong whenever the text length was a multiple of 16 (the serving length 64 among them) and right
+    at 72 and 77 and in float32 (docs/benchmarks.md, GPU runs 4-7): compile refuses exactly those."""
+    from punet.compile import TARGETS, plan_compile
+
+    config = UNetConfig.from_dict(dict(diffusers_tiny("tiny-sdxl").config))
+    for name in ("sm_80", "sm_86", "sm_89", "hopper"):
+        for dtype in ("float16", "bfloat16"):
+            with pytest.raises(PunetError, match=f"{dtype}, 64 text tokens.*--tokens 77"):
+                plan_compile(TARGETS[name], Signature(1, 64, 64, dtype, tokens=64, scheduled=True), config,
+                             tuned=True, decomposed=False)
+            for ok in (72, 77):
+                plan_compile(TARGETS[name], Signature(1, 64, 64, dtype, tokens=ok), config, tuned=True, decomposed=False)
+        plan_compile(TARGETS[name], Signature(1, 64, 64, "float32", tokens=64), config, tuned=True, decomposed=False)
+    # Not a CUDA problem elsewhere: the ROCm target takes the serving length.
+    plan_compile(TARGETS["gfx942"], Signature(1, 64, 64, "float16", tokens=64, scheduled=True), config, tuned=True,
+                 decomposed=False)

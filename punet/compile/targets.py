@@ -65,6 +65,9 @@ class Target:
     tuned_dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
     tuned_dtype_reason: str = ""
     plain_refused: str = ""  # why `--plain` is refused for this target (measured wrong output), if it is
+    # Low-precision exports whose text length is a multiple of this are refused (measured wrong output).
+    lowp_tokens_multiple_refused: int = 0
+    lowp_tokens_reason: str = ""
     notes: str = ""
 
     def __post_init__(self):  # the tuned set is never for a dtype the target refuses
@@ -190,6 +193,17 @@ _RDNA4_TUNED = _RDNA3_TUNED + (
 # horizontal fusion of contractions: on an H100 the SDXL CFG step was wrong
 # without it (relative L2 0.165 vs torch; docs/benchmarks.md, GPU runs 2-3).
 _CUDA_TUNED = _GPU_COMMON + (_FP16_UNET_PREPROCESS,)
+# Measured on an H100 and an H200 (sm_80 PTX; docs/benchmarks.md, GPU runs 4-7): with the tuned set,
+# float16 and bfloat16 CFG steps are wrong (relative L2 0.3-1.1 against torch) whenever the text length
+# is a multiple of 16 (16, 32, 48, 64, 80, 96, 128 tokens tried, full size and tiny model alike) and
+# right otherwise (72, 77); float32 at 64 tokens is right. Not the convolutions (igemm off: still
+# wrong), not the attention form (fused: still wrong).
+_CUDA_ALIGNED_TOKENS = 16
+_CUDA_ALIGNED_TOKENS_REASON = (
+    "IREE 3.13's CUDA code for float16/bfloat16 gives wrong results (relative L2 0.3-1.1 against torch on "
+    "H100/H200) when the text length is a multiple of 16; 72 and 77 tokens, and float32, are right "
+    "(docs/benchmarks.md, GPU runs 4-7)"
+)
 _CUDA_PLAIN_REFUSED = (
     "IREE 3.13's plain CUDA flags miscompile the SDXL UNet (relative L2 1.59 against torch on an H100, "
     "fused or decomposed attention; docs/benchmarks.md); compile without --plain"
@@ -443,6 +457,8 @@ TARGETS: dict[str, Target] = _table(
         decompose_attention_plain=True,
         attention_reason=_CUDA_ATTENTION,
         plain_refused=_CUDA_PLAIN_REFUSED,
+        lowp_tokens_multiple_refused=_CUDA_ALIGNED_TOKENS,
+        lowp_tokens_reason=_CUDA_ALIGNED_TOKENS_REASON,
         notes="PTX ISA 7.6 for sm_80, JIT-compiled by the driver at load.",
     ),
     Target(
@@ -456,6 +472,8 @@ TARGETS: dict[str, Target] = _table(
         decompose_attention_plain=True,
         attention_reason=_CUDA_ATTENTION,
         plain_refused=_CUDA_PLAIN_REFUSED,
+        lowp_tokens_multiple_refused=_CUDA_ALIGNED_TOKENS,
+        lowp_tokens_reason=_CUDA_ALIGNED_TOKENS_REASON,
         notes=(
             "IREE 3.13 describes sm_86 with sm_80's 163 KiB shared-memory budget; the chip allows "
             "99 KiB per block, so a kernel choosing more would fail to launch (not seen on SD shapes)."
@@ -472,6 +490,8 @@ TARGETS: dict[str, Target] = _table(
         decompose_attention_plain=True,
         attention_reason=_CUDA_ATTENTION,
         plain_refused=_CUDA_PLAIN_REFUSED,
+        lowp_tokens_multiple_refused=_CUDA_ALIGNED_TOKENS,
+        lowp_tokens_reason=_CUDA_ALIGNED_TOKENS_REASON,
         notes="PTX ISA 8.4 (driver for CUDA 12.4 or newer); adds FP8 mma.sync, unused by fp16 models.",
     ),
     Target(
@@ -485,6 +505,8 @@ TARGETS: dict[str, Target] = _table(
         decompose_attention_plain=True,
         attention_reason=_CUDA_ATTENTION,
         plain_refused=_CUDA_PLAIN_REFUSED,
+        lowp_tokens_multiple_refused=_CUDA_ALIGNED_TOKENS,
+        lowp_tokens_reason=_CUDA_ALIGNED_TOKENS_REASON,
         notes=(
             "IREE 3.13 cannot target Hopper: --iree-cuda-target=sm_90/sm_90a/sm_100 fail with "
             "'missing GPU target in #hal.executable.target' (iree-org/iree#22147) and "
