@@ -180,3 +180,14 @@ def test_timesteps_cover_0_to_999():
     t = make_inputs(TINY, Signature(8192, 8, 8, tokens=1), 0)["timestep"]
     assert t.min() == 0 and t.max() == 999
     assert torch.equal(make_inputs(TINY, Signature(8192, 8, 8, tokens=1))["timestep"], t)  # seed 0 by default
+
+
+def test_builtin_refiner_has_the_refiners_time_ids():
+    """Bug: `builtin:tiny-sdxl-refiner`, described as the refiner's 5-time-id layout, read as 6 time ids next
+    to a 16-wide text embedding (its projection width 24 + 5 * 8 is not the pooled 1280 + 5 * 8 that
+    `num_time_ids` recognises). Reference: the real refiner config (5 ids: original size, crop, aesthetic score)."""
+    tiny = UNetConfig.from_dict(config_dict("tiny-sdxl-refiner"))
+    assert (num_time_ids(tiny), text_embeds_width(tiny)) == (num_time_ids(REFINER), text_embeds_width(REFINER))
+    assert num_time_ids(tiny) == 5
+    x = make_inputs(tiny, Signature(1, 64, 96, tokens=2), 0)
+    assert torch.equal(x["time_ids"], torch.tensor([[64.0, 96.0, 0.0, 0.0, 6.0]]))

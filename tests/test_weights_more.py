@@ -354,6 +354,23 @@ def test_builtin_source_is_written_under_the_cache(tmp_path, monkeypatch):
     assert src.unet_dir == tmp_path / "home" / ".cache" / "punet" / "builtin" / "tiny-sd15-seed0"
 
 
+def test_builtin_cache_of_an_older_config_is_rewritten(tmp_path, monkeypatch):
+    """Bug: a built-in checkpoint cached before its config changed (the tiny refiner's projection width did)
+    reused as is, so `builtin:NAME` silently meant the old architecture. Reference: `config_dict(NAME)`."""
+    from safetensors.torch import load_file
+
+    from punet.builtin import config_dict, write_checkpoint
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    new = config_dict("tiny-sdxl-refiner")
+    folder = resolve_source("builtin:tiny-sdxl-refiner").unet_dir
+    write_checkpoint(folder, {**new, "projection_class_embeddings_input_dim": 24 + 5 * 8})
+    src = resolve_source("builtin:tiny-sdxl-refiner")
+    assert src.unet_dir == folder and json.loads((folder / "config.json").read_text()) == new
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+    assert weights["add_embedding.linear_1.weight"].shape == (64, 1280 + 5 * 8)
+
+
 def test_folder_without_config(tmp_path):
     with pytest.raises(PunetError) as info:
         resolve_source(str(tmp_path))
