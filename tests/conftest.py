@@ -30,7 +30,10 @@ MICRO_SDXL = {
     "projection_class_embeddings_input_dim": 32 + 6 * 8,
 }
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One torch thread per process in a mutation run (mutmut sets MUTANT_UNDER_TEST before it
+# starts pytest): its --max-children processes share the cores, and two threads in each on a
+# busy 2-core machine wait for each other at every op (8 ms a tiny convolution, not 20 us).
+torch.set_num_threads(1 if "MUTANT_UNDER_TEST" in os.environ else max(1, min(2, os.cpu_count() or 1)))
 
 
 def diffusers_kwargs(d: dict) -> dict:
@@ -61,6 +64,24 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         diffusers_tiny(name).save_pretrained(root / name)
         out[name] = root / name
     return out
+
+
+# Mutation testing (docs/testing.md): mutmut runs each mutant's tests in a process whose
+# MUTANT_UNDER_TEST names the mutant. A mutant of punet/model runs only test_model_units.py
+# (every layer and the whole UNet against diffusers in float64, under a second in all): the
+# other model tests build bigger models and export them, minutes per surviving mutant.
+MUTATION_TESTS = {"punet.model.": "tests/test_model_units.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    mutant = os.environ.get("MUTANT_UNDER_TEST", "")
+    if "__mutmut_" not in mutant:
+        return
+    for prefix, path in MUTATION_TESTS.items():
+        if mutant.startswith(prefix):
+            keep = [i for i in items if i.nodeid.startswith(path + "::")]
+            config.hook.pytest_deselected(items=[i for i in items if not i.nodeid.startswith(path + "::")])
+            items[:] = keep
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
