@@ -69,7 +69,7 @@ SD = {
     "block_out_channels": [8, 16, 24],
     "attention_head_dim": [1, 2, 4],  # SD 1.x/2.x's name for the head count; the mid block uses the last
     "transformer_layers_per_block": [1, 2, 3],  # the mid block uses the last (3)
-    "layers_per_block": [2, 1, 1],  # up blocks take them reversed
+    "layers_per_block": [2, 2, 1],  # up blocks take them reversed; 8 -> 16 channels over 2 layers
     "norm_num_groups": 4,
     "cross_attention_dim": 12,
     "flip_sin_to_cos": False,

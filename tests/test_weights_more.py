@@ -146,6 +146,10 @@ def test_load_model_dtype_and_values(checkpoints, tmp_path):
     assert all(v.dtype == torch.float16 and torch.equal(v, expected[k].half()) for k, v in half.state_dict().items())
     _, state = load_irpa(tmp_path / "u.irpa")
     assert state["conv_in.weight"].shape == (32, 4, 3, 3) and state["conv_in.weight"].dtype == torch.float32
+    # Bug: the device argument ignored (the model left on the CPU when another device is asked for); the
+    # meta device stands in for a GPU on a CPU-only machine.
+    meta, _ = load_model(tmp_path / "u.irpa", device="meta")
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
 
 
 def test_archives_not_written_by_punet(tmp_path):
