@@ -373,6 +373,9 @@ def test_builtin_cache_of_an_older_config_is_rewritten(tmp_path, monkeypatch):
     assert src.unet_dir == folder and json.loads((folder / "config.json").read_text()) == new
     weights = load_file(folder / "diffusion_pytorch_model.safetensors")
     assert weights["add_embedding.linear_1.weight"].shape == (64, 1280 + 5 * 8)
+    written = (folder / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    resolve_source("builtin:tiny-sdxl-refiner")  # an up-to-date cache is used as is
+    assert (folder / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == written
 
 
 def test_folder_without_config(tmp_path):
