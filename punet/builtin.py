@@ -44,7 +44,10 @@ TINY_CONFIGS: dict[str, dict] = {
         "projection_class_embeddings_input_dim": 64 + 6 * 16,
         "sample_size": 32,
     },
-    # SDXL refiner: 4 levels, attention only in the middle two, 5 time ids.
+    # SDXL refiner: 4 levels, attention only in the middle two, 5 time ids. The text
+    # embedding keeps SDXL's pooled width of 1280: config.json does not say how many time
+    # ids there are, and punet reads 5 only off a projection width of 1280 + 5 * step
+    # (signature.num_time_ids), as for the real refiner.
     "tiny-sdxl-refiner": {
         **_SDXL_COMMON,
         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
@@ -56,7 +59,7 @@ TINY_CONFIGS: dict[str, dict] = {
         "norm_num_groups": 8,
         "cross_attention_dim": 40,
         "addition_time_embed_dim": 8,
-        "projection_class_embeddings_input_dim": 24 + 5 * 8,
+        "projection_class_embeddings_input_dim": 1280 + 5 * 8,
         "sample_size": 32,
     },
     # SD 1.5: attention_head_dim is a single head count; conv proj_in/out.
@@ -142,7 +145,10 @@ def write_checkpoint(
 def materialize(spec: str, cache_dir: str | Path, seed: int = 0) -> Path:
     """Write the checkpoint named by `builtin:NAME` under `cache_dir`; return its folder."""
     name = spec[len(PREFIX) :]
+    config = config_dict(name)
     folder = Path(cache_dir) / f"{name}-seed{seed}"
-    if not (folder / "config.json").is_file():
-        write_checkpoint(folder, config_dict(name), seed=seed)
+    config_file = folder / "config.json"
+    # A checkpoint cached by an older punet whose built-in config differed is written again.
+    if not config_file.is_file() or json.loads(config_file.read_text()) != config:
+        write_checkpoint(folder, config, seed=seed)
     return folder

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -334,3 +335,43 @@ def test_archive_of_another_architecture_is_refused(built):
     wider = {**meta, "config": {**meta["config"], "cross_attention_dim": 2 * meta["config"]["cross_attention_dim"]}}
     with pytest.raises(PunetError, match=r"another architecture than .* \(config differs in: cross_attention_dim\)"):
         check_archive_fits(info, wider, vmfb, irpa)
+    two = {**wider, "config": {**wider["config"], "norm_eps": 0.5}}
+    with pytest.raises(PunetError, match=rf"^{re.escape(str(irpa))}: another architecture than {vmfb.name} was "
+                                         r"exported for \(config differs in: norm_eps, cross_attention_dim\)$"):
+        check_archive_fits(info, two, vmfb, irpa)
+
+
+def test_run_and_benchmark_pass_on_exact_weights_and_the_report(built, tmp_path):
+    """Bugs: `run_vmfb` / `benchmark` not handing `exact_weights` or their progress callback to `Session.load`
+    (a fine-tune neither refused under --exact-weights nor reported), or refusing fine-tunes by default.
+    Reference: the archives' digests and the build record (the report in full), Session.load's refusal."""
+    vmfb, irpa = built["float32"]
+    other = built["other"]
+    info = load_build_info(vmfb)
+    report = (
+        f"{other.name}: weights digest {read_metadata(other)['weights_sha256'][:12]} differs from the archive "
+        f"{vmfb.name} was exported from ({info['irpa']['weights_sha256'][:12]}, {info['irpa']['path']})"
+    )
+    with pytest.raises(PunetError) as refused:
+        Session.load(vmfb, other, exact_weights=True)
+    assert str(refused.value) == report + " and --exact-weights was given"
+    runs = {
+        "run_vmfb": lambda **kw: run_vmfb(vmfb, other, tmp_path / "o.safetensors", **kw),
+        "benchmark": lambda **kw: benchmark(vmfb, other, warmup=0, repeat=1, **kw),
+    }
+    for name, run in runs.items():
+        with pytest.raises(PunetError, match="^" + re.escape(str(refused.value)) + "$"):
+            run(exact_weights=True)
+        notes = []
+        run(**{"progress" if name == "run_vmfb" else "say": notes.append})  # not refused by default
+        assert notes == [report + ": same architecture, running with these weights"], name
+
+
+def test_benchmark_refuses_bad_counts(built):
+    """Bug: the warm-up/repeat check joined with `and`, so one bad count alone is let through (a negative
+    warm-up silently skipped, zero timed calls failing later on an empty list)."""
+    vmfb, irpa = built["float32"]
+    for warmup, repeat in ((-1, 5), (1, 0), (-1, 0)):
+        message = rf"^benchmark needs warmup >= 0 and repeat >= 1 \(got {warmup}, {repeat}\)$"
+        with pytest.raises(ValueError, match=message):
+            benchmark(vmfb, irpa, warmup=warmup, repeat=repeat)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -13,7 +15,9 @@ from punet.signature import (
     ENTRY_MAIN,
     Signature,
     TensorSpec,
+    check_fits,
     check_inputs,
+    deepest_latent,
     dtype_from_name,
     dtype_name,
     make_inputs,
@@ -180,3 +184,73 @@ def test_timesteps_cover_0_to_999():
     t = make_inputs(TINY, Signature(8192, 8, 8, tokens=1), 0)["timestep"]
     assert t.min() == 0 and t.max() == 999
     assert torch.equal(make_inputs(TINY, Signature(8192, 8, 8, tokens=1))["timestep"], t)  # seed 0 by default
+
+
+def test_builtin_refiner_has_the_refiners_time_ids():
+    """Bug: `builtin:tiny-sdxl-refiner`, described as the refiner's 5-time-id layout, read as 6 time ids next
+    to a 16-wide text embedding (its projection width 24 + 5 * 8 is not the pooled 1280 + 5 * 8 that
+    `num_time_ids` recognises). Reference: the real refiner config (5 ids: original size, crop, aesthetic score)."""
+    tiny = UNetConfig.from_dict(config_dict("tiny-sdxl-refiner"))
+    assert (num_time_ids(tiny), text_embeds_width(tiny)) == (num_time_ids(REFINER), text_embeds_width(REFINER))
+    assert num_time_ids(tiny) == 5
+    x = make_inputs(tiny, Signature(1, 64, 96, tokens=2), 0)
+    assert torch.equal(x["time_ids"], torch.tensor([[64.0, 96.0, 0.0, 0.0, 6.0]]))
+
+
+def _conv_deepest(config: UNetConfig, sig: Signature) -> tuple[int, int]:
+    """The deepest feature map's size by torch's own conv arithmetic: one stride-2 3x3 conv (padding 1,
+    diffusers' Downsample2D) per level but the last, on a meta tensor of the latent's size."""
+    x = torch.empty(1, 1, sig.height // 8, sig.width // 8, device="meta")
+    w = torch.empty(1, 1, 3, 3, device="meta")
+    for _ in range(len(config.down_block_types) - 1):
+        x = torch.nn.functional.conv2d(x, w, stride=2, padding=1)
+    return tuple(x.shape[-2:])
+
+
+@pytest.mark.parametrize("config", [SDXL, SD15], ids=["3-levels", "4-levels"])
+def test_deepest_latent_is_the_downsampled_size(config):
+    """Bugs in `deepest_latent`: halving rounded down, a level too many or too few, a float size.
+    Reference: torch's conv output size through the model's stride-2 downsamplers."""
+    for height in range(8, 8 * 40, 8):
+        sig = Signature(1, height, 8 * 37)
+        got = deepest_latent(config, sig)
+        assert got == _conv_deepest(config, sig) and all(type(v) is int for v in got), height
+
+
+@pytest.mark.parametrize("config, levels", [(SDXL, 3), (SD15, 4)], ids=["3-levels", "4-levels"])
+def test_check_fits_refuses_exactly_the_sizes_that_reach_1x1(config, levels):
+    """Bugs in `check_fits`: a size refused that still leaves a 2x2 deepest map (or one let through that
+    does not), the wrong side named, a wrong smallest size suggested. Reference: torch's conv arithmetic
+    (`_conv_deepest`); the smallest passing side is the suggested one."""
+    need_px = 8 * (2 ** (levels - 1) + 1)
+    for height in range(8, 2 * need_px, 8):
+        for width in (need_px - 8, need_px, need_px + 8):
+            sig = Signature(1, height, width)
+            deepest = _conv_deepest(config, sig)
+            if min(deepest) >= 2:
+                check_fits(config, sig)
+                continue
+            key, px = ("height", height) if deepest[0] < 2 else ("width", width)
+            message = (
+                f"{key} {px} px: the latent ({px // 8}) is halved {levels - 1} times by the model's {levels} "
+                f"levels down to 1x1, which IREE cannot compile; use a {key} of at least {need_px} px"
+            )
+            with pytest.raises(PunetError, match="^" + re.escape(message) + "$"):
+                check_fits(config, sig)
+    check_fits(config, Signature(1, need_px, need_px))  # the suggested size fits
+
+
+def test_make_inputs_do_not_depend_on_the_default_dtype():
+    """Bug: random inputs drawn in torch's default dtype (a `torch.randn` without a dtype), so a script that
+    sets another default dtype gets other latents and text for the same seed (float64 draws are other
+    numbers, not just more digits). Reference: make_inputs under torch's float32 default."""
+    sig = Signature(2, 64, 64, "float16", tokens=3, cfg=True)
+    expected = make_inputs(TINY, sig, 5)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = make_inputs(TINY, sig, 5)
+    finally:
+        torch.set_default_dtype(default)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in expected.items())

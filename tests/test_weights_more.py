@@ -146,6 +146,10 @@ def test_load_model_dtype_and_values(checkpoints, tmp_path):
     assert all(v.dtype == torch.float16 and torch.equal(v, expected[k].half()) for k, v in half.state_dict().items())
     _, state = load_irpa(tmp_path / "u.irpa")
     assert state["conv_in.weight"].shape == (32, 4, 3, 3) and state["conv_in.weight"].dtype == torch.float32
+    # Bug: the device argument ignored (the model left on the CPU when another device is asked for); the
+    # meta device stands in for a GPU on a CPU-only machine.
+    meta, _ = load_model(tmp_path / "u.irpa", device="meta")
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
 
 
 def test_archives_not_written_by_punet(tmp_path):
@@ -352,6 +356,26 @@ def test_builtin_source_is_written_under_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     src = resolve_source("builtin:tiny-sd15")
     assert src.unet_dir == tmp_path / "home" / ".cache" / "punet" / "builtin" / "tiny-sd15-seed0"
+
+
+def test_builtin_cache_of_an_older_config_is_rewritten(tmp_path, monkeypatch):
+    """Bug: a built-in checkpoint cached before its config changed (the tiny refiner's projection width did)
+    reused as is, so `builtin:NAME` silently meant the old architecture. Reference: `config_dict(NAME)`."""
+    from safetensors.torch import load_file
+
+    from punet.builtin import config_dict, write_checkpoint
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    new = config_dict("tiny-sdxl-refiner")
+    folder = resolve_source("builtin:tiny-sdxl-refiner").unet_dir
+    write_checkpoint(folder, {**new, "projection_class_embeddings_input_dim": 24 + 5 * 8})
+    src = resolve_source("builtin:tiny-sdxl-refiner")
+    assert src.unet_dir == folder and json.loads((folder / "config.json").read_text()) == new
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+    assert weights["add_embedding.linear_1.weight"].shape == (64, 1280 + 5 * 8)
+    written = (folder / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    resolve_source("builtin:tiny-sdxl-refiner")  # an up-to-date cache is used as is
+    assert (folder / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == written
 
 
 def test_folder_without_config(tmp_path):
