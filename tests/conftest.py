@@ -35,7 +35,9 @@ MICRO_SDXL = {
 # One torch thread per process in a mutation run (mutmut sets MUTANT_UNDER_TEST before it
 # starts pytest): its --max-children processes share the cores, and two threads in each on a
 # busy 2-core machine wait for each other at every op (8 ms a tiny convolution, not 20 us).
-torch.set_num_threads(1 if "MUTANT_UNDER_TEST" in os.environ else max(1, min(2, os.cpu_count() or 1)))
+# Likewise under pytest-xdist (the README's `-n 2`): the workers share the cores, so each gets its share.
+_SHARERS = 1 if "MUTANT_UNDER_TEST" in os.environ else int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(1 if "MUTANT_UNDER_TEST" in os.environ else max(1, min(2, (os.cpu_count() or 1) // _SHARERS)))
 
 
 def diffusers_kwargs(d: dict) -> dict:
