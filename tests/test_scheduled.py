@@ -20,10 +20,8 @@ from punet.model import UNet2DConditionModel
 from punet.scheduled import ScheduledUNet, SchedulerConfig, ServingUNet, euler
 from punet.scheduled.generate import EagerStepper, make_loop_inputs, run_loop
 from punet.signature import Signature, default_time_ids, make_inputs
-from punet.tensors import load_tensors, save_tensors
 
-from .conftest import diffusers_tiny, rel_l2, run_cli
-from .test_user_path import one_line_error
+from .conftest import diffusers_tiny, rel_l2
 
 SDXL_SCHEDULER = json.loads(
     (resources.files("punet.scheduled") / "configs" / euler.SDXL_SCHEDULER_CONFIG).read_text()
@@ -71,9 +69,10 @@ def test_tables_equal_diffusers(spacing, beta_schedule):
     overrides = {"timestep_spacing": spacing, "beta_schedule": beta_schedule}
     cfg = SchedulerConfig.from_dict({**SDXL_SCHEDULER, **overrides})
     ref = diffusers_scheduler(overrides)
-    for n in STEPS:
+    for n in range(1, euler.MAX_STEPS + 1):  # every step count a scheduled module holds
         ref.set_timesteps(n)
         t, s = euler.tables(cfg, n)
+        assert t.dtype == s.dtype == torch.float32
         assert torch.equal(t, ref.timesteps), (n, t[:4], ref.timesteps[:4])
         assert torch.equal(s, ref.sigmas), (n, s[:4], ref.sigmas[:4])
         assert torch.equal(euler.init_noise_sigma(cfg, s), torch.as_tensor(ref.init_noise_sigma)), n
@@ -246,175 +245,6 @@ def test_signature_kinds():
         sched.inputs(config)
 
 
-# ---- export, compile, generate ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory, checkpoints):
-    """import -> export --scheduled -> compile cpu -> generate (compiled, then eager on its inputs)."""
-    root = tmp_path_factory.mktemp("scheduled")
-    src = checkpoints["tiny-sdxl"]
-    mlir = f"unet_b1_64x64_f32_t{TOKENS}_scheduled.mlir"
-    for args in (
-        ["import", str(src), "-o", "unet.irpa"],
-        ["export", "unet.irpa", "--scheduled", "--tokens", str(TOKENS), *HW],
-        ["compile", mlir, "--target", "cpu"],
-        ["generate", mlir.replace(".mlir", ".cpu.vmfb"), "--irpa", "unet.irpa", "--steps", "10", "--guidance", "7.5",
-         "--save-inputs", "in.safetensors", "-o", "iree.safetensors"],
-        ["generate", "unet.irpa", "--inputs", "in.safetensors", "--steps", "10", "--guidance", "7.5", "-o", "eager.safetensors"],
-    ):
-        r = run_cli(*args, cwd=root)
-        assert r.returncode == 0, (args, r.stderr)
-    return root, src, root / mlir.replace(".mlir", ".cpu.vmfb")
-
-
-def test_compiled_loop_matches_diffusers(compiled):
-    """Guards: the compiled scheduled module drifting from diffusers' loop (tables mis-exported, an
-    index off by one at run time, latents not carried between steps): fp32 within 1e-4 after 10 steps,
-    and equal to punet's eager loop from the same .irpa."""
-    root, src, _ = compiled
-    from diffusers import UNet2DConditionModel as DiffusersUNet
-
-    x = load_tensors(root / "in.safetensors")
-    assert sorted(x) == ["encoder_hidden_states", "sample", "text_embeds", "time_ids"]
-    ours = load_tensors(root / "iree.safetensors")["sample"]
-    theirs = diffusers_loop(DiffusersUNet.from_pretrained(src).eval(), x, 10, 7.5)
-    assert rel_l2(ours, theirs) <= 1e-4
-    assert rel_l2(ours, load_tensors(root / "eager.safetensors")["sample"]) <= 1e-4
-
-
-def test_run_initialize_picks_the_row_at_run_time(compiled):
-    """Guards: run_initialize returning a fixed row or row n-1: for 1, 20 and 99 steps its tables
-    are diffusers' schedules, and its latents the noise times diffusers' init_noise_sigma."""
-    root, _, vmfb = compiled
-    from punet.runtime import Session
-
-    s = Session.load(vmfb, root / "unet.irpa")
-    init = s.entries["run_initialize"]
-    noise = torch.randn(init.inputs[0].shape)
-    ref = diffusers_scheduler()
-    for n in (1, 20, 99):
-        out = s.invoke("run_initialize", [s.upload(init.inputs[0], noise), s.upload(init.inputs[1], torch.tensor([n]))])
-        lat, ids, ts, ss = (s.download(o, spec) for o, spec in zip(out, init.outputs))
-        ref.set_timesteps(n)
-        assert torch.equal(ts[:n], ref.timesteps) and not ts[n:].any()
-        assert torch.equal(ss[: n + 1], ref.sigmas)
-        torch.testing.assert_close(lat, noise * ref.init_noise_sigma, rtol=1e-6, atol=0)
-        assert ids.tolist() == [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2
-
-
-def test_scheduled_bench_times_one_step(compiled, tmp_path):
-    """Guards: `punet bench` on a scheduled module timing something other than run_forward, or
-    failing on its int64 inputs: the record names run_forward and its eight inputs."""
-    root, _, vmfb = compiled
-    out = tmp_path / "b.json"
-    r = run_cli("bench", str(vmfb), "--irpa", "unet.irpa", "--repeat", "2", "--warmup", "0", "--vs-eager",
-                "--json", str(out), cwd=root)
-    assert r.returncode == 0, r.stderr
-    rec = json.loads(out.read_text())
-    assert rec["entry"] == "run_forward" and rec["scheduled"] is True
-    assert [i["name"] for i in rec["inputs"]][5:] == ["step_index", "timesteps", "sigmas"]
-    assert len(rec["iree"]["samples_ms"]) == 2 and len(rec["eager"]["samples_ms"]) == 2
-    assert "--function=run_forward" in rec["command"] and "--input=1xi64=1" in rec["command"]
-
-
-@pytest.mark.parametrize("target", ["gfx942", "sm_80"])
-def test_scheduled_module_compiles_for_gpus(compiled, target, tmp_path):
-    """Guards: the scheduled module (int64 indices, gathers from constant tables) not compiling for
-    the GPU targets the server runs on: both entries are in the .vmfb with the target's executables."""
-    import iree.runtime as rt
-
-    from punet.compile import TARGETS
-
-    from .vmfb_check import EXECUTABLE_FORMATS
-
-    root, _, _ = compiled
-    out = tmp_path / f"s.{target}.vmfb"
-    r = run_cli("compile", f"unet_b1_64x64_f32_t{TOKENS}_scheduled.mlir", "--target", target, "-o", str(out), cwd=root)
-    assert r.returncode == 0, r.stderr
-    module = rt.VmModule.mmap(rt.VmInstance(), str(out))
-    assert {"run_initialize", "run_forward"} <= set(module.function_names)
-    assert module.name == "compiled_spunet"
-    assert EXECUTABLE_FORMATS[TARGETS[target].backend] in out.read_bytes()
-
-
-def test_serving_entry_compiles_and_runs(compiled, tmp_path):
-    """Guards: `export --serving` writing another entry or argument order than the server calls
-    (`compiled_punet.main(sample, timestep, encoder_hidden_states, text_embeds, time_ids,
-    guidance_scale)`), or computing other than the eager CFG step."""
-    import iree.runtime as rt
-
-    root, _, _ = compiled
-    for args in (
-        ["export", "unet.irpa", "--serving", "--tokens", str(TOKENS), *HW, "-o", str(tmp_path / "s.mlir")],
-        ["compile", str(tmp_path / "s.mlir"), "--target", "cpu"],
-        ["run", str(tmp_path / "s.cpu.vmfb"), "--irpa", "unet.irpa", "--save-inputs", str(tmp_path / "in.safetensors"),
-         "-o", str(tmp_path / "iree.safetensors")],
-    ):
-        r = run_cli(*args, cwd=root)
-        assert r.returncode == 0, (args, r.stderr)
-    module = rt.VmModule.mmap(rt.VmInstance(), str(tmp_path / "s.cpu.vmfb"))
-    assert module.name == "compiled_punet" and "main" in module.function_names
-    x = load_tensors(tmp_path / "in.safetensors")
-    assert sorted(x) == sorted(["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "guidance_scale"])
-    assert x["timestep"].shape == (1,)
-    from punet.weights import load_model
-
-    model, _ = load_model(root / "unet.irpa")
-    with torch.inference_mode():
-        want = ServingUNet(model)(**x)
-    assert rel_l2(load_tensors(tmp_path / "iree.safetensors")["sample"], want) <= 1e-4
-    # The same module cannot be run by `punet generate`, which says what to do instead.
-    r = run_cli("generate", str(tmp_path / "s.cpu.vmfb"), "--irpa", "unet.irpa", "-o", str(tmp_path / "g.safetensors"),
-                cwd=root)
-    one_line_error(r, 1, "not a scheduled module", "--scheduled")
-
-
-def test_generate_mistakes_are_one_line(compiled, tmp_path):
-    """Guards: loop mistakes ending in a traceback or a half-written output: a step count the
-    tables do not hold, prompt rows not doubled for CFG, shape flags against a compiled module,
-    `punet run` on a scheduled module, a scheduler config on a non-scheduled export."""
-    root, _, vmfb = compiled
-    out = tmp_path / "o.safetensors"
-    one_line_error(run_cli("generate", str(vmfb), "--irpa", "unet.irpa", "--steps", "100", "-o", str(out), cwd=root),
-                   1, "--steps 100", "1 to 99")
-    x = load_tensors(root / "in.safetensors")
-    bad = tmp_path / "bad.safetensors"
-    save_tensors(bad, dict(x, encoder_hidden_states=x["encoder_hidden_states"][:1]))
-    one_line_error(run_cli("generate", str(vmfb), "--irpa", "unet.irpa", "--inputs", str(bad), "-o", str(out), cwd=root),
-                   1, "'encoder_hidden_states'", "negative rows, then positive")
-    one_line_error(run_cli("generate", str(vmfb), "--irpa", "unet.irpa", "--height", "128", "-o", str(out), cwd=root),
-                   2, "--height")
-    one_line_error(run_cli("run", str(vmfb), "--irpa", "unet.irpa", "-o", str(out), cwd=root), 2, "punet generate")
-    one_line_error(run_cli("export", "unet.irpa", "--scheduler-config", "x.json", *HW, "-o", str(tmp_path / "x.mlir"),
-                           cwd=root), 1, "--scheduler-config", "--scheduled")
-    one_line_error(run_cli("export", "unet.irpa", "--scheduled", "--module-name", "a-b", *HW, "-o",
-                           str(tmp_path / "x.mlir"), cwd=root), 1, "identifier")
-    assert not out.exists() and not (tmp_path / "x.mlir").exists()
-
-
-def test_loop_benchmark_runners_agree(compiled, tmp_path):
-    """Guards: bench/loop.py timing a loop that computes something else than torch's (a runner fed
-    other inputs or another schedule): the scheduled module's latents match torch eager's and the
-    report shows both rows."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root, _, vmfb = compiled
-    script = Path(__file__).resolve().parents[1] / "bench" / "loop.py"
-    for runner in ("torch", "scheduled"):
-        r = subprocess.run([sys.executable, str(script), runner, "--irpa", str(root / "unet.irpa"), "--vmfb", str(vmfb),
-                            "--steps", "3", "--threads", "1", "--out", str(tmp_path)], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, str(script), "--report", "--out", str(tmp_path)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    rows = {row["key"]: row for row in json.loads((tmp_path / "report.json").read_text())}
-    assert set(rows) == {"torch", "scheduled"} and rows["scheduled"]["rel_l2_vs_torch"] <= 1e-4
-    assert rows["torch"]["rel_l2_vs_torch"] == 0 and len(rows["scheduled"]["step_ms"]) == 3
-    assert "64x64, float32, 16 tokens, 3 steps" in r.stdout
-
-
 def test_cuda_refuses_low_precision_at_token_counts_it_miscompiles():
     """Guards: a CUDA module that runs but is wrong. On H100/H200, IREE 3.13's float16/bfloat16 CUDA code
     was wrong whenever the text length was a multiple of 16 (the serving length 64 among them) and right
@@ -433,3 +263,90 @@ def test_cuda_refuses_low_precision_at_token_counts_it_miscompiles():
     # Not a CUDA problem elsewhere: the ROCm target takes the serving length.
     plan_compile(TARGETS["gfx942"], Signature(1, 64, 64, "float16", tokens=64, scheduled=True), config, tuned=True,
                  decomposed=False)
+
+
+def test_tables_are_float32_whatever_the_default_dtype():
+    """Guards: a table built in the default dtype (a dropped `dtype=torch.float32`): under a float64
+    default the tables are still diffusers' float32 values, and float32 tensors."""
+    cfg = SchedulerConfig.sdxl()
+    ref = diffusers_scheduler()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for spacing, betas in (("leading", "scaled_linear"), ("trailing", "scaled_linear"), ("linspace", "linear")):
+            change = {"timestep_spacing": spacing, "beta_schedule": betas}
+            c = SchedulerConfig.from_dict({**SDXL_SCHEDULER, **change})
+            r = diffusers_scheduler(change)
+            for n in (7, 30):
+                t, s = euler.tables(c, n)
+                r.set_timesteps(n)
+                assert t.dtype == s.dtype == torch.float32
+                assert torch.equal(t, r.timesteps.float()) and torch.equal(s, r.sigmas.float())
+        ts, ss = euler.step_tables(cfg, 3)
+        assert ts.dtype == ss.dtype == torch.float32
+    finally:
+        torch.set_default_dtype(old)
+    ref.set_timesteps(3)
+
+
+def test_tables_at_the_training_length_clamp_as_diffusers():
+    """Guards: the step-count limit off by one, or the clamp of "leading" timesteps past the last
+    training step (1000 leading steps run to timestep 1000, whose sigma diffusers takes from 999)."""
+    cfg = SchedulerConfig.sdxl()
+    ref = diffusers_scheduler()
+    ref.set_timesteps(1000)
+    t, s = euler.tables(cfg, 1000)
+    assert t[0].item() == 1000 and torch.equal(t, ref.timesteps) and torch.equal(s, ref.sigmas)
+    for bad in (0, 1001, 2.0):
+        with pytest.raises(PunetError, match=f"number of steps must be an integer from 1 to 1000, got {bad!r}"):
+            euler.tables(cfg, bad)
+
+
+def test_scheduler_config_round_trip_and_file_errors(tmp_path):
+    """Guards: a config that does not survive its own dict (the .signature.json rebuilds it), a default
+    class name that refuses class-less configs, and file errors without the path or the reason."""
+    cfg = SchedulerConfig.sdxl()
+    d = cfg.to_dict()
+    assert d["_class_name"] == "EulerDiscreteScheduler" and SchedulerConfig.from_dict(d) == cfg
+    assert SchedulerConfig.from_dict({k: v for k, v in SDXL_SCHEDULER.items() if k != "_class_name"}) == cfg
+    missing = tmp_path / "none.json"
+    with pytest.raises(PunetError, match=f"{missing}: file not found"):
+        SchedulerConfig.from_json(missing)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(PunetError, match=f"{bad}: malformed JSON at line 1"):
+        SchedulerConfig.from_json(bad)
+    bad.write_text("[1]")
+    with pytest.raises(PunetError, match=f"{bad}: expected a JSON object, got list"):
+        SchedulerConfig.from_json(bad)
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"num_train_timesteps": 1}, "num_train_timesteps must be an integer >= 2, got 1"),
+        ({"num_train_timesteps": 2.5}, "num_train_timesteps must be an integer >= 2, got 2.5"),
+        ({"steps_offset": -1}, "steps_offset must be a non-negative integer, got -1"),
+        ({"steps_offset": 1.5}, "steps_offset must be a non-negative integer, got 1.5"),
+        ({"beta_schedule": "cosine"}, "beta_schedule='cosine' (punet implements 'linear', 'scaled_linear')"),
+    ],
+)
+def test_scheduler_config_limits(change, needle):
+    """Guards: the limits of num_train_timesteps and steps_offset off by one or not checked, and a
+    refusal that does not list what is implemented."""
+    with pytest.raises(PunetError) as e:
+        SchedulerConfig.from_dict({**SDXL_SCHEDULER, **change})
+    assert needle in str(e.value)
+    for ok in ({"num_train_timesteps": 2}, {"steps_offset": 0}):
+        assert SchedulerConfig.from_dict({**SDXL_SCHEDULER, **ok})
+
+
+def test_scheduled_unet_state_dict_is_the_unets(tiny):
+    """Guards: the step tables saved as weights (persistent buffers): the scheduled module's state dict
+    is exactly the float UNet's, so an .irpa of the UNet is all its export needs."""
+    ref, config = tiny
+    unet = _punet(ref, config, torch.float32)
+    sig = Signature(1, 64, 64, tokens=TOKENS, scheduled=True)
+    model = ScheduledUNet(unet, SchedulerConfig.sdxl(), default_time_ids(sig, 2, 6))
+    assert set(model.state_dict()) == {f"guided.unet.{k}" for k in unet.state_dict()}
+    assert model.time_ids.dtype == torch.float32 and model.timestep_table.shape == (100, 100)

@@ -181,11 +181,16 @@ def tables(cfg: SchedulerConfig, num_steps: int) -> tuple[torch.Tensor, torch.Te
 
 
 def _arange_down(start: int, step: float) -> torch.Tensor:
-    """numpy's arange(start, 0, -step) in float64."""
+    """numpy's arange(start, 0, -step) in float64, bit for bit.
+
+    numpy fills `start + i * delta` with delta = (start - step) - start, not -step: the two differ
+    in the last bit, and "trailing" rounds the result (48 steps: 937.4999... -> 937, not 938).
+    """
     import math
 
     n = math.ceil(start / step)
-    return start - torch.arange(n, dtype=torch.float64) * step
+    delta = (start - step) - start
+    return start + torch.arange(n, dtype=torch.float64) * delta
 
 
 def step_tables(cfg: SchedulerConfig, max_steps: int = MAX_STEPS) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,16 +31,14 @@ class ScheduledUNet(nn.Module):
         unet: UNet2DConditionModel,
         scheduler: euler.SchedulerConfig,
         time_ids: torch.Tensor,
-        max_steps: int = euler.MAX_STEPS,
     ):
         super().__init__()
         self.guided = GuidedUNet(unet)
-        self.scheduler = scheduler
-        timesteps, sigmas = euler.step_tables(scheduler, max_steps)
+        timesteps, sigmas = euler.step_tables(scheduler)  # 100 x 100: the serving contract's tables
         init_sigma = torch.stack([euler.init_noise_sigma(scheduler, row) for row in sigmas])
         self.register_buffer("timestep_table", timesteps, persistent=False)
         self.register_buffer("sigma_table", sigmas, persistent=False)
-        self.register_buffer("init_sigma", init_sigma, persistent=False)  # (max_steps + 1,)
+        self.register_buffer("init_sigma", init_sigma, persistent=False)  # (100,)
         self.register_buffer("time_ids", time_ids.to(torch.float32), persistent=False)  # (2B, n)
 
     def initialize(
