@@ -136,8 +136,6 @@ class _HostScheduler:
 
 
 def report(out: Path) -> None:
-    import torch
-
     from punet.tensors import load_tensors
 
     rows = [json.loads((out / f"{k}.json").read_text()) for k in RUNNERS if (out / f"{k}.json").is_file()]
@@ -160,7 +158,6 @@ def report(out: Path) -> None:
         print(f"{r['runner']:58} {r['load_s']:7.1f} {r['median_step_ms']:9.1f} {speed} {r['loop_ms'] / 1e3:7.1f} "
               f"{r['peak_rss_gib']:7.1f} GiB {err:16.2e}")
     (out / "report.json").write_text(json.dumps(rows, indent=2))
-    del torch
 
 
 def main() -> None:

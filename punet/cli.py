@@ -304,20 +304,19 @@ def cmd_generate(args) -> int:
     if args.save_inputs:
         check_output(args.save_inputs, "--save-inputs")
     sig = None
+    given = [f"--{k}" for k in (*DEFAULT_SHAPE, "dtype") if getattr(args, k) is not None]
     if artifact.suffix == ".vmfb":
         from .runtime import DEVICES
 
         device = args.device or "local-task"
         if device not in DEVICES:
             raise UsageError(f"--device {device}: expected an IREE device for a .vmfb ({', '.join(DEVICES)})")
-        given = [f"--{k}" for k in (*DEFAULT_SHAPE, "dtype") if getattr(args, k) is not None]
         if given:
             raise UsageError(f"{given[0]}: a compiled module runs at the shapes it was exported for")
     elif artifact.suffix == ".irpa":
         from .weights import read_metadata
 
         device = _torch_device(args.device)
-        given = [f"--{k}" for k in (*DEFAULT_SHAPE, "dtype") if getattr(args, k) is not None]
         if args.inputs and given:
             raise UsageError(f"{given[0]}: with --inputs, the loop runs at the shapes and dtype of its tensors")
         if not args.inputs:

@@ -9,12 +9,12 @@ on any key or value the punet model does not implement, naming both.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import PunetError
+from .fileio import read_json_object
 
 __all__ = ["ConfigError", "UNetConfig"]
 
@@ -128,18 +128,7 @@ class UNetConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "UNetConfig":
         path = Path(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found (expected a diffusers unet config.json)") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        data = read_json_object(path, "a diffusers unet config.json", ConfigError)
         try:
             return cls.from_dict(data)
         except ConfigError as e:

@@ -1,4 +1,4 @@
-"""Atomic file writes shared by every stage, and the up-front check that an output can be written."""
+"""Atomic file writes shared by every stage, the up-front check that an output can be written, and JSON configs read with one-line errors."""
 
 from __future__ import annotations
 
@@ -68,3 +68,20 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json_object(path: Path, expected: str, error: type[PunetError] = PunetError) -> dict[str, Any]:
+    """A JSON object from `path` (a config file), or `error` in one line naming the file and the fault."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise error(f"{path}: file not found (expected {expected})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -273,41 +273,63 @@ def check_fits(config: UNetConfig, sig: Signature) -> None:
     )
 
 
-def check_inputs(config: UNetConfig, sig: Signature, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Raise PunetError naming `where` and the key unless `tensors` fit `sig` exactly."""
-    specs = sig.inputs(config)
-    expected = {s.name for s in specs}
-    extra = sorted(set(tensors) - expected)
+def check_tensors(
+    specs: list[TensorSpec],
+    tensors: dict[str, torch.Tensor],
+    where: str,
+    *,
+    optional: tuple[str, ...] = (),
+    paired: tuple[str, ...] = (),
+) -> None:
+    """Raise PunetError naming `where` and the key unless `tensors` are exactly `specs`.
+
+    Names in `optional` may be absent; a wrong shape of a name in `paired` (text rows of a CFG
+    step) says the rows come negative, then positive.
+    """
+    expected = [s.name for s in specs]
+    extra = sorted(set(tensors) - set(expected))
     if extra:
         raise PunetError(f"{where}: unexpected input {extra[0]!r} (expected keys: {', '.join(sorted(expected))})")
     for s in specs:
         if s.name not in tensors:
+            if s.name in optional:
+                continue
             raise PunetError(f"{where}: missing input {s.name!r} (expected shape {list(s.shape)} {s.dtype})")
         t = tensors[s.name]
         if tuple(t.shape) != s.shape:
-            raise PunetError(f"{where}: input {s.name!r} has shape {list(t.shape)}, expected {list(s.shape)}")
+            rows = " (negative rows, then positive)" if s.name in paired else ""
+            raise PunetError(f"{where}: input {s.name!r} has shape {list(t.shape)}, expected {list(s.shape)}{rows}")
         if t.dtype != s.torch_dtype:
             raise PunetError(f"{where}: input {s.name!r} has dtype {t.dtype}, expected {s.dtype}")
 
 
-def signature_from_inputs(config: UNetConfig, tensors: dict[str, torch.Tensor], where: str) -> Signature:
-    """Infer the Signature of an inputs file (batch, size, dtype, tokens) and check it."""
+def check_inputs(config: UNetConfig, sig: Signature, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raise PunetError naming `where` and the key unless `tensors` fit `sig`'s single entry exactly."""
+    check_tensors(sig.inputs(config), tensors, where)
+
+
+def shape_of_inputs(tensors: dict[str, torch.Tensor], where: str, rows: str = "B") -> dict:
+    """Batch, size, dtype and tokens as a file of inputs has them (`Signature` keywords)."""
     for key in ("sample", "encoder_hidden_states"):
         if key not in tensors:
             raise PunetError(f"{where}: missing input {key!r}")
     sample, ehs = tensors["sample"], tensors["encoder_hidden_states"]
     if sample.dim() != 4 or ehs.dim() != 3:
         raise PunetError(
-            f"{where}: 'sample' must be 4-D (B, C, H/8, W/8) and 'encoder_hidden_states' 3-D (B, tokens, D); "
+            f"{where}: 'sample' must be 4-D (B, C, H/8, W/8) and 'encoder_hidden_states' 3-D ({rows}, tokens, D); "
             f"got {list(sample.shape)} and {list(ehs.shape)}"
         )
-    sig = Signature(
-        batch=sample.shape[0],
-        height=sample.shape[2] * LATENT_SCALE,
-        width=sample.shape[3] * LATENT_SCALE,
-        dtype=dtype_name(sample.dtype),
-        tokens=ehs.shape[1],
-        cfg="guidance_scale" in tensors,
-    )
+    return {
+        "batch": sample.shape[0],
+        "height": sample.shape[2] * LATENT_SCALE,
+        "width": sample.shape[3] * LATENT_SCALE,
+        "dtype": dtype_name(sample.dtype),
+        "tokens": ehs.shape[1],
+    }
+
+
+def signature_from_inputs(config: UNetConfig, tensors: dict[str, torch.Tensor], where: str) -> Signature:
+    """Infer the Signature of an inputs file (batch, size, dtype, tokens) and check it."""
+    sig = Signature(**shape_of_inputs(tensors, where), cfg="guidance_scale" in tensors)
     check_inputs(config, sig, tensors, where)
     return sig

@@ -253,6 +253,19 @@ _VULKAN_ATTENTION_NOTE = (
     "iree_linalg_ext.online_attention ('result #0 must be variadic of ranked tensor')."
 )
 
+# What every CUDA target shares: the tuned set, attention decomposed, and the two measured refusals.
+_CUDA_RULES = dict(
+    backend="cuda",
+    driver="cuda",
+    tuned_flags=_CUDA_TUNED,
+    decompose_attention=True,
+    decompose_attention_plain=True,
+    attention_reason=_CUDA_ATTENTION,
+    plain_refused=_CUDA_PLAIN_REFUSED,
+    lowp_tokens_multiple_refused=_CUDA_ALIGNED_TOKENS,
+    lowp_tokens_reason=_CUDA_ALIGNED_TOKENS_REASON,
+)
+
 
 def _table(*targets: Target) -> dict[str, Target]:
     return {t.name: t for t in targets}
@@ -448,32 +461,16 @@ TARGETS: dict[str, Target] = _table(
     # --------------------------------------------------------------- CUDA
     Target(
         name="sm_80",
-        backend="cuda",
-        driver="cuda",
         description="NVIDIA A100 / A30 (Ampere, sm_80)",
         flags=_cuda("sm_80"),
-        tuned_flags=_CUDA_TUNED,
-        decompose_attention=True,
-        decompose_attention_plain=True,
-        attention_reason=_CUDA_ATTENTION,
-        plain_refused=_CUDA_PLAIN_REFUSED,
-        lowp_tokens_multiple_refused=_CUDA_ALIGNED_TOKENS,
-        lowp_tokens_reason=_CUDA_ALIGNED_TOKENS_REASON,
+        **_CUDA_RULES,
         notes="PTX ISA 7.6 for sm_80, JIT-compiled by the driver at load.",
     ),
     Target(
         name="sm_86",
-        backend="cuda",
-        driver="cuda",
         description="NVIDIA RTX 30 / A10 / A40 (Ampere, sm_86)",
         flags=_cuda("sm_86"),
-        tuned_flags=_CUDA_TUNED,
-        decompose_attention=True,
-        decompose_attention_plain=True,
-        attention_reason=_CUDA_ATTENTION,
-        plain_refused=_CUDA_PLAIN_REFUSED,
-        lowp_tokens_multiple_refused=_CUDA_ALIGNED_TOKENS,
-        lowp_tokens_reason=_CUDA_ALIGNED_TOKENS_REASON,
+        **_CUDA_RULES,
         notes=(
             "IREE 3.13 describes sm_86 with sm_80's 163 KiB shared-memory budget; the chip allows "
             "99 KiB per block, so a kernel choosing more would fail to launch (not seen on SD shapes)."
@@ -481,32 +478,16 @@ TARGETS: dict[str, Target] = _table(
     ),
     Target(
         name="sm_89",
-        backend="cuda",
-        driver="cuda",
         description="NVIDIA RTX 40 / L4 / L40 (Ada Lovelace, sm_89)",
         flags=_cuda("sm_89"),
-        tuned_flags=_CUDA_TUNED,
-        decompose_attention=True,
-        decompose_attention_plain=True,
-        attention_reason=_CUDA_ATTENTION,
-        plain_refused=_CUDA_PLAIN_REFUSED,
-        lowp_tokens_multiple_refused=_CUDA_ALIGNED_TOKENS,
-        lowp_tokens_reason=_CUDA_ALIGNED_TOKENS_REASON,
+        **_CUDA_RULES,
         notes="PTX ISA 8.4 (driver for CUDA 12.4 or newer); adds FP8 mma.sync, unused by fp16 models.",
     ),
     Target(
         name="hopper",
-        backend="cuda",
-        driver="cuda",
         description="NVIDIA H100 / H200 / GH200 (Hopper, sm_90) via sm_80 PTX",
         flags=_cuda("sm_80"),
-        tuned_flags=_CUDA_TUNED,
-        decompose_attention=True,
-        decompose_attention_plain=True,
-        attention_reason=_CUDA_ATTENTION,
-        plain_refused=_CUDA_PLAIN_REFUSED,
-        lowp_tokens_multiple_refused=_CUDA_ALIGNED_TOKENS,
-        lowp_tokens_reason=_CUDA_ALIGNED_TOKENS_REASON,
+        **_CUDA_RULES,
         notes=(
             "IREE 3.13 cannot target Hopper: --iree-cuda-target=sm_90/sm_90a/sm_100 fail with "
             "'missing GPU target in #hal.executable.target' (iree-org/iree#22147) and "

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import PunetError
+from ..fileio import read_json_object
 
 __all__ = [
     "MAX_STEPS",
@@ -97,14 +98,7 @@ class SchedulerConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "SchedulerConfig":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise SchedulerConfigError(f"{path}: file not found (expected a diffusers scheduler_config.json)") from None
-        except json.JSONDecodeError as e:
-            raise SchedulerConfigError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
-        if not isinstance(data, dict):
-            raise SchedulerConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        data = read_json_object(path, "a diffusers scheduler_config.json", SchedulerConfigError)
         try:
             return cls.from_dict(data)
         except SchedulerConfigError as e:

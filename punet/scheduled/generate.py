@@ -24,15 +24,13 @@ from ..signature import (
     LATENT_SCALE,
     Signature,
     TensorSpec,
+    check_tensors,
     default_time_ids,
-    dtype_name,
     num_time_ids,
+    shape_of_inputs,
     text_embeds_width,
 )
 from . import euler
-
-INPUT_KEYS = ("sample", "encoder_hidden_states", "text_embeds", "time_ids")
-
 
 def input_specs(config: UNetConfig, sig: Signature) -> list[TensorSpec]:
     """The loop's input tensors for a signature (time_ids optional)."""
@@ -60,37 +58,10 @@ def make_loop_inputs(config: UNetConfig, sig: Signature, seed: int = 0) -> dict[
 
 def loop_signature(config: UNetConfig, tensors: dict[str, torch.Tensor], where: str) -> Signature:
     """The signature an inputs file implies (batch, size, dtype, tokens), every tensor checked against it."""
-    extra = sorted(set(tensors) - set(INPUT_KEYS))
-    if extra:
-        raise PunetError(f"{where}: unexpected input {extra[0]!r} (expected keys: {', '.join(INPUT_KEYS)})")
-    for key in ("sample", "encoder_hidden_states"):
-        if key not in tensors:
-            raise PunetError(f"{where}: missing input {key!r}")
-    sample, ehs = tensors["sample"], tensors["encoder_hidden_states"]
-    if sample.dim() != 4 or ehs.dim() != 3:
-        raise PunetError(
-            f"{where}: 'sample' must be 4-D (B, C, H/8, W/8) and 'encoder_hidden_states' 3-D (2B, tokens, D); "
-            f"got {list(sample.shape)} and {list(ehs.shape)}"
-        )
-    sig = Signature(
-        batch=sample.shape[0],
-        height=sample.shape[2] * LATENT_SCALE,
-        width=sample.shape[3] * LATENT_SCALE,
-        dtype=dtype_name(sample.dtype),
-        tokens=ehs.shape[1],
-        scheduled=True,
+    sig = Signature(**shape_of_inputs(tensors, where, rows="2B"), scheduled=True)
+    check_tensors(
+        input_specs(config, sig), tensors, where, optional=("time_ids",), paired=("encoder_hidden_states", "text_embeds", "time_ids")
     )
-    for spec in input_specs(config, sig):
-        if spec.name not in tensors:
-            if spec.name == "time_ids":
-                continue
-            raise PunetError(f"{where}: missing input {spec.name!r} (expected shape {list(spec.shape)} {spec.dtype})")
-        t = tensors[spec.name]
-        if tuple(t.shape) != spec.shape:
-            rows = " (negative rows, then positive)" if spec.shape[0] == 2 * sig.batch and spec.name != "sample" else ""
-            raise PunetError(f"{where}: input {spec.name!r} has shape {list(t.shape)}, expected {list(spec.shape)}{rows}")
-        if t.dtype != spec.torch_dtype:
-            raise PunetError(f"{where}: input {spec.name!r} has dtype {t.dtype}, expected {spec.dtype}")
     return sig
 
 
@@ -106,7 +77,11 @@ class LoopResult:
 
 
 class _Stepper:
-    """run_initialize / run_forward on some backend; tensors stay wherever the backend keeps them."""
+    """run_initialize / run_forward on some backend; tensors stay wherever the backend keeps them.
+
+    A stepper serves one loop's text inputs and guidance: they are moved to the device on the
+    first step and reused (a warm-up loop on the same inputs may come first).
+    """
 
     def initialize(self, sample: torch.Tensor, steps: int) -> tuple:
         raise NotImplementedError
@@ -122,6 +97,7 @@ class EagerStepper(_Stepper):
     def __init__(self, model: torch.nn.Module, device: str = "cpu"):
         self.model = model
         self.device = device
+        self._text: list | None = None
 
     def initialize(self, sample, steps):
         with torch.inference_mode():
@@ -130,18 +106,16 @@ class EagerStepper(_Stepper):
 
     def forward(self, state, tensors, guidance, i):
         latents, time_ids, timesteps, sigmas = state
-        dtype = latents.dtype
-        with torch.inference_mode():
-            latents = self.model(
-                latents,
+        if self._text is None:  # on the device once for the whole loop, as CompiledStepper uploads them
+            self._text = [
                 tensors["encoder_hidden_states"].to(self.device),
                 tensors["text_embeds"].to(self.device),
                 tensors.get("time_ids", time_ids).to(self.device),
-                torch.tensor([guidance], dtype=dtype, device=self.device),
-                torch.tensor([i], dtype=torch.int64, device=self.device),
-                timesteps,
-                sigmas,
-            )
+                torch.tensor([guidance], dtype=latents.dtype, device=self.device),
+            ]
+        with torch.inference_mode():
+            step = torch.tensor([i], dtype=torch.int64, device=self.device)
+            latents = self.model(latents, *self._text, step, timesteps, sigmas)
         return (latents, time_ids, timesteps, sigmas)
 
     def latents(self, state):

@@ -74,7 +74,7 @@ class ScheduledUNet(nn.Module):
         return euler.step(noise, latents, sigma, next_sigma)
 
 
-class ServingUNet(nn.Module):
+class ServingUNet(GuidedUNet):
     """The CFG step as shark-ai's server calls `compiled_punet.main`.
 
     One timestep, time ids and guidance scale in the model dtype; they are
@@ -82,25 +82,9 @@ class ServingUNet(nn.Module):
     integer timestep and SDXL size exactly).
     """
 
-    def __init__(self, unet: UNet2DConditionModel):
-        super().__init__()
-        self.guided = GuidedUNet(unet)
-
-    def forward(
-        self,
-        *,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        guidance_scale: torch.Tensor,
-        text_embeds: torch.Tensor | None = None,
-        time_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.guided(
-            sample=sample,
+    def forward(self, *, timestep: torch.Tensor, time_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        return super().forward(
             timestep=timestep.to(torch.float32),
-            encoder_hidden_states=encoder_hidden_states,
-            text_embeds=text_embeds,
             time_ids=None if time_ids is None else time_ids.to(torch.float32),
-            guidance_scale=guidance_scale,
+            **kwargs,
         )
