@@ -142,7 +142,7 @@ def cmd_import(args) -> int:
     return 0
 
 
-def _signature_from_args(args, dtype: str):
+def _signature_from_args(args, dtype: str, quant: str = ""):
     from .signature import Signature
 
     shape = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in DEFAULT_SHAPE.items()}
@@ -152,6 +152,7 @@ def _signature_from_args(args, dtype: str):
         serving=getattr(args, "serving", False),
         scheduled=getattr(args, "scheduled", False),
         module_name=getattr(args, "module_name", None) or "",
+        quant=quant,
         **shape,
     )
 
@@ -275,12 +276,14 @@ def cmd_export(args) -> int:
     from .export import export_mlir
     from .weights import read_metadata
 
-    dtype = args.dtype or read_metadata(args.irpa)["dtype"]
+    meta = read_metadata(args.irpa)
+    dtype = args.dtype or meta["dtype"]
+    quant = (meta.get("quantization") or {}).get("scheme", "")
     with _working("exporting with iree-turbine"):
         res = export_mlir(
             args.irpa,
             args.output,
-            sig=_signature_from_args(args, dtype),
+            sig=_signature_from_args(args, dtype, quant),
             decompose_attention=args.decompose_attention,
             scheduler=args.scheduler_config,
             force=args.force,

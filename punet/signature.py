@@ -126,6 +126,8 @@ class Signature:
     # run_initialize + run_forward: CFG UNet call and Euler step in one function (implies serving).
     scheduled: bool = False
     module_name: str = ""  # "" = the default for the kind: module, compiled_punet, compiled_spunet
+    # Quantization scheme of the weights ("" = float; see punet.quant.scheme). Inputs and outputs keep `dtype`.
+    quant: str = ""
 
     def __post_init__(self):
         if self.scheduled:
@@ -145,6 +147,10 @@ class Signature:
                 raise PunetError(f"{key} must be a positive multiple of {LATENT_SCALE} pixels, got {v}")
         if self.dtype not in DTYPES:
             raise PunetError(f"unknown dtype {self.dtype!r} (expected one of: {', '.join(DTYPES)})")
+        if self.quant:
+            from .quant.scheme import get_scheme
+
+            get_scheme(self.quant)
         if self.serving and not self.scheduled and self.dtype == "bfloat16":
             raise PunetError(
                 "the serving entry takes its timestep in the model dtype, and bfloat16 rounds timesteps "

@@ -41,6 +41,8 @@ WEIGHTS_NAME = "diffusion_pytorch_model"
 _ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 _ST_NONFLOAT = {"I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64", "BOOL", "F8_E4M3", "F8_E5M2"}
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+# Tensor dtypes an archive may hold: the model dtypes, and a quantized model's int8 weights and zero points.
+ARCHIVE_DTYPES: dict[str, torch.dtype] = {**DTYPES, "float64": torch.float64, "int8": torch.int8}
 
 
 # ---- safetensors reading ------------------------------------------------------
@@ -399,18 +401,71 @@ def load_irpa(path: str | Path) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the mapping is read-only; tensors must not be written
             flat = torch.frombuffer(e.file_view, dtype=torch.uint8)
-        state[key] = flat.view(DTYPES[info["dtype"]]).view(info["shape"])
+        state[key] = flat.view(ARCHIVE_DTYPES[info["dtype"]]).view(info["shape"])
     return config, state
 
 
-def load_model(path: str | Path, dtype: str | None = None, device: str = "cpu"):
-    """Build punet's model from an .irpa (weights copied to `device` in `dtype`)."""
+def build_model(config: UNetConfig, quantization: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The float UNet, or (with an archive's `quantization` metadata) its quantized twin, on the current device."""
     from .model import UNet2DConditionModel
 
+    model = UNet2DConditionModel(config)
+    if quantization:
+        from .quant import quantize_from_metadata
+
+        quantize_from_metadata(model, config, quantization)
+    return model
+
+
+def load_model(path: str | Path, dtype: str | None = None, device: str = "cpu"):
+    """Build punet's model from an .irpa (weights copied to `device` in `dtype`).
+
+    A quantized archive gives the quantized model: its int8 tensors stay
+    int8 and its scales float32 (float64 when `dtype` is float64).
+    """
     config, state = load_irpa(path)
+    quantization = read_metadata(path).get("quantization")
     with torch.device("meta"):
-        model = UNet2DConditionModel(config)
+        model = build_model(config, quantization)
     if dtype is not None:
-        state = {k: v.to(dtype_from_name(dtype)) for k, v in state.items()}
+        from .quant import cast_state
+
+        state = cast_state(state, dtype_from_name(dtype) if dtype != "float64" else torch.float64)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval(), config
+
+
+def write_irpa(
+    output: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any], progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Write `state` (tensors held in memory) and punet metadata to `output`, atomically; return the metadata.
+
+    `meta` is completed with the digest, the tensor and parameter counts and the creation time.
+    """
+    import numpy as np
+    import iree.runtime as rt
+
+    index = rt.ParameterIndex()
+    digest = hashlib.sha256()
+    names = {v: k for k, v in ARCHIVE_DTYPES.items()}
+    for key in sorted(state):
+        t = state[key].detach().contiguous().cpu()
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+        digest.update(raw.tobytes())
+        index.add_buffer(key, raw.copy(), metadata=_tensor_metadata(names[t.dtype], tuple(t.shape)))
+    meta = {
+        **meta,
+        "format": METADATA_FORMAT,
+        "punet_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "num_tensors": len(state),
+        "num_parameters": sum(t.numel() for t in state.values()),
+        "weights_sha256": digest.hexdigest(),
+    }
+    blob = json.dumps(meta).encode()
+    index.add_buffer(METADATA_KEY, np.frombuffer(blob, dtype=np.uint8).copy(), metadata="punet-metadata")
+    if progress:
+        progress(f"writing {output}")
+    with atomic_path(output) as tmp:
+        index.create_archive_file(str(tmp))
+    return meta

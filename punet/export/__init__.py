@@ -48,26 +48,36 @@ class ExportResult:
     seconds: float
 
 
-def _meta_unet(config: UNetConfig, sig: Signature, decompose_attention: bool) -> nn.Module:
-    """The float UNet on the meta device, parameters marked external under SCOPE."""
+def _meta_unet(
+    config: UNetConfig, sig: Signature, decompose_attention: bool, quantization: dict[str, Any] | None = None
+) -> nn.Module:
+    """The UNet (float, or quantized as `quantization` says) on the meta device, weights external under SCOPE."""
     from iree.turbine import aot
 
-    from ..model import UNet2DConditionModel
+    from ..weights import build_model
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(config).to(dtype_from_name(sig.dtype)).eval()
-    unet.set_decomposed_attention(decompose_attention)
+        unet = build_model(config).to(dtype_from_name(sig.dtype))
+        if quantization:  # after the dtype cast: int8 weights and float32 scales keep their dtypes
+            from ..quant import quantize_from_metadata
+
+            quantize_from_metadata(unet, config, quantization)
+    unet.eval().set_decomposed_attention(decompose_attention)
     aot.externalize_module_parameters(unet, external_scope=SCOPE)
     return unet
 
 
 def build_export_model(
-    config: UNetConfig, sig: Signature, decompose_attention: bool, scheduler: dict[str, Any] | None = None
+    config: UNetConfig,
+    sig: Signature,
+    decompose_attention: bool,
+    scheduler: dict[str, Any] | None = None,
+    quantization: dict[str, Any] | None = None,
 ) -> nn.Module:
     """The module to export: the UNet, its CFG step, the serving CFG step or the scheduled UNet."""
     from ..model import GuidedUNet
 
-    unet = _meta_unet(config, sig, decompose_attention)
+    unet = _meta_unet(config, sig, decompose_attention, quantization)
     if sig.scheduled:
         from ..scheduled import ScheduledUNet, SchedulerConfig
         from ..signature import default_time_ids
@@ -85,12 +95,16 @@ def build_export_model(
 
 
 def export_module(
-    config: UNetConfig, sig: Signature, decompose_attention: bool = False, scheduler: dict[str, Any] | None = None
+    config: UNetConfig,
+    sig: Signature,
+    decompose_attention: bool = False,
+    scheduler: dict[str, Any] | None = None,
+    quantization: dict[str, Any] | None = None,
 ):
     """iree-turbine ExportOutput of every entry of `sig`, in a module named `sig.module_name`."""
     from iree.turbine import aot
 
-    model = build_export_model(config, sig, decompose_attention, scheduler)
+    model = build_export_model(config, sig, decompose_attention, scheduler, quantization)
 
     def meta_args(entry) -> tuple[torch.Tensor, ...]:
         return tuple(torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in entry.inputs)
@@ -146,6 +160,12 @@ def export_mlir(
             f"{irpa}: weights are {meta['dtype']}, export asked for {sig.dtype}; "
             f"re-import with `punet import ... --dtype {sig.dtype}` (one archive per dtype)"
         )
+    quantization = meta.get("quantization")
+    scheme = quantization["scheme"] if quantization else ""
+    if sig.quant != scheme:
+        raise PunetError(
+            f"{irpa}: weights are {scheme or 'float (not quantized)'}, export asked for {sig.quant or 'float'}"
+        )
     config = UNetConfig.from_dict(meta["config"])
     check_fits(config, sig)
     sched = None
@@ -160,7 +180,8 @@ def export_mlir(
     check_output(output)
     provenance = {"path": str(irpa), "weights_sha256": meta["weights_sha256"], "source": meta["source"]}
     return _export(
-        meta["config"], sig, decompose_attention, output, provenance, scheduler=sched, force=force, progress=progress
+        meta["config"], sig, decompose_attention, output, provenance, scheduler=sched, quantization=quantization,
+        force=force, progress=progress,
     )
 
 
@@ -175,8 +196,8 @@ def derive_decomposed(mlir: str | Path, signature: dict[str, Any], progress=None
     sig = Signature(**signature["signature"])
     output = mlir.with_name(f"{mlir.stem}_decomposed.mlir")
     return _export(
-        signature["config"], sig, True, output, signature["irpa"], scheduler=signature.get("scheduler"), force=False,
-        progress=progress,
+        signature["config"], sig, True, output, signature["irpa"], scheduler=signature.get("scheduler"),
+        quantization=signature.get("quantization"), force=False, progress=progress,
     )
 
 
@@ -188,6 +209,7 @@ def _export(
     provenance: dict[str, Any],
     *,
     scheduler: dict[str, Any] | None = None,
+    quantization: dict[str, Any] | None = None,
     force: bool,
     progress: Callable[[str], None] | None,
 ) -> ExportResult:
@@ -195,7 +217,7 @@ def _export(
     sig_path = signature_path(output)
     key = build_key(
         config=config.to_dict(), sig=sig.to_dict(), decomposed=decompose_attention, scheduler=scheduler,
-        punet=__version__, torch=torch.__version__, turbine=_turbine_version(),
+        quantization=_structure(quantization), punet=__version__, torch=torch.__version__, turbine=_turbine_version(),
     )
     if not force and up_to_date(output, sig_path, key):
         return ExportResult(output, sig_path, True, 0.0)
@@ -209,7 +231,7 @@ def _export(
             f"exporting {names} (batch {sig.batch}, {sig.height}x{sig.width}, {sig.dtype}, {sig.tokens} tokens"
             f"{', attention decomposed' if decompose_attention else ''}) with iree-turbine"
         )
-    exported = export_module(config, sig, decompose_attention, scheduler)
+    exported = export_module(config, sig, decompose_attention, scheduler, quantization)
     with atomic_path(output) as tmp:
         exported.save_mlir(str(tmp))
     write_json_atomic(
@@ -228,10 +250,18 @@ def _export(
             "irpa": provenance,
             "config": config_dict,
             "scheduler": scheduler,
+            "quantization": quantization,
             "build_key": key,
         },
     )
     return ExportResult(output, sig_path, False, time.perf_counter() - t0)
+
+
+def _structure(quantization: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What of a quantization's metadata shapes the module: its scheme and asymmetric layers, not its calibration."""
+    if not quantization:
+        return None
+    return {"scheme": quantization["scheme"], "asymmetric": sorted(quantization.get("asymmetric", ()))}
 
 
 def _specs(specs) -> list[dict[str, Any]]:
