@@ -227,7 +227,9 @@ def cmd_run(args) -> int:
         from .weights import read_metadata
 
         device = _torch_device(args.device)
-        sig = None if args.inputs else _signature_from_args(args, args.dtype or read_metadata(artifact)["dtype"])
+        # float64 runs on float32 inputs made float64 (the exact reference of a quantized model).
+        sig_dtype = "float32" if args.dtype == "float64" else args.dtype or read_metadata(artifact)["dtype"]
+        sig = None if args.inputs else _signature_from_args(args, sig_dtype)
         info = run_eager(
             artifact,
             args.output,
@@ -270,6 +272,42 @@ def cmd_compare(args) -> int:
             f"relative L2 {c.rel_l2:.3e}, NaN {c.nan_a}/{c.nan_b} -> {'ok' if good else 'FAIL'} (rtol {args.rtol:g})"
         )
     return 0 if ok else 1
+
+
+def cmd_quantize(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .quant.calibrate import quantize_archive
+
+    if args.format == "irpa" and Path(args.output).suffix != ".irpa":
+        raise UsageError(f"-o {args.output}: expected a .irpa file name (or --format brevitas and a folder)")
+    if args.calibration_inputs and args.calibration_samples is not None:
+        raise UsageError("--calibration-inputs and --calibration-samples: give one or the other")
+    t0 = time.perf_counter()
+    with Progress(
+        TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_console(), transient=True
+    ) as bar:
+        task = bar.add_task("calibrate", total=None)
+        meta = quantize_archive(
+            args.irpa,
+            args.output,
+            scheme=args.scheme,
+            alpha=args.smoothquant_alpha,
+            calibration_inputs_file=args.calibration_inputs,
+            samples=args.calibration_samples or 4,
+            seed=args.seed,
+            height=args.height,
+            width=args.width,
+            fmt=args.format,
+            progress=_say,
+            on_sample=lambda i, n: bar.update(task, completed=i, total=n),
+        )
+    q = meta["quantization"]
+    print(
+        f"wrote {args.output}: {q['scheme']}, {q['layers']} quantized layers, SmoothQuant alpha {q['smoothquant_alpha']}, "
+        f"{meta['dtype']} elsewhere, in {time.perf_counter() - t0:.1f} s"
+    )
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -570,6 +608,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import)
 
     p = verb(
+        "quantize",
+        "post-training quantization of a float .irpa: SmoothQuant, static int8 scales from calibration inputs",
+        "punet quantize unet_f32.irpa -o unet_int8.irpa --scheme int8 --smoothquant-alpha 0.5 --calibration-samples 8",
+    )
+    p.add_argument("irpa", help="float parameter archive (from punet import)")
+    p.add_argument("-o", "--output", required=True, help="output .irpa, or a folder with --format brevitas")
+    p.add_argument("--scheme", default="int8", help="int8 (default) or int8-fp8attn")
+    p.add_argument("--smoothquant-alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1] (default 0.5)")
+    p.add_argument("--calibration-inputs", help="inputs safetensors to calibrate on (as punet run --save-inputs writes)")
+    p.add_argument("--calibration-samples", type=int, help="random SDXL-like inputs, timesteps 999..0 (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random calibration inputs (default 0)")
+    p.add_argument("--height", type=int, default=256, help="calibration image height in pixels (default 256)")
+    p.add_argument("--width", type=int, default=256, help="calibration image width in pixels (default 256)")
+    p.add_argument("--format", choices=("irpa", "brevitas"), default="irpa",
+                   help="irpa (default), or a Brevitas folder (config.json, params.safetensors, quant_params.json)")
+    p.set_defaults(func=cmd_quantize)
+
+    p = verb(
         "run",
         "run one UNet step: torch eager on an .irpa, or a compiled .vmfb with --irpa",
         "punet run unet.irpa --seed 0 --height 512 --width 512 --save-inputs in.safetensors -o out.safetensors",
@@ -582,7 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for generated inputs (default 0)")
     p.add_argument("--device", help="an .irpa: torch device (cpu, cuda; default cpu); a .vmfb: IREE device "
                    "(local-task, local-sync, hip, vulkan, cuda; default local-task)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype for eager (default: the .irpa's)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES + ("float64",),
+                   help="compute dtype for eager (default: the .irpa's; float64: a quantized model's exact reference)")
     p.add_argument("--exact-weights", action="store_true",
                    help="a .vmfb: refuse an archive whose weights differ from the one it was exported from")
     _add_shape_args(p)

@@ -70,10 +70,16 @@ def run_eager(
     meta = read_metadata(irpa)
     dtype = dtype or (sig.dtype if sig and inputs is None else None) or meta["dtype"]
     model, config = load_model(irpa, dtype=dtype, device=device)
-    if sig is not None and inputs is None and sig.dtype != dtype:
-        sig = Signature(sig.batch, sig.height, sig.width, dtype, sig.tokens, sig.cfg)
+    # float64 (the exact reference of a quantized model) runs on float32 inputs made float64.
+    sig_dtype = "float32" if dtype == "float64" else dtype
+    if sig is not None and inputs is None and sig.dtype != sig_dtype:
+        sig = Signature(sig.batch, sig.height, sig.width, sig_dtype, sig.tokens, sig.cfg)
     sig, tensors = prepare_inputs(config, inputs=inputs, sig=sig, seed=seed, save_inputs=save_inputs)
-    tensors = {k: v.to(device) for k, v in cast_inputs(tensors, sig, dtype).items()}
+    if dtype == "float64":
+        tensors = {k: v.double() if v.is_floating_point() else v for k, v in tensors.items()}
+    else:
+        tensors = cast_inputs(tensors, sig, dtype)
+    tensors = {k: v.to(device) for k, v in tensors.items()}
     out = call_model(model, tensors)
     save_tensors(output, {"sample": out}, metadata={"producer": "punet-eager", "dtype": dtype, "device": device})
     return {"signature": sig, "dtype": dtype, "device": device, "output": str(output)}

@@ -29,7 +29,7 @@ import torch
 from . import __version__
 from .config import ConfigError, UNetConfig
 from .errors import PunetError
-from .fileio import atomic_path
+from .fileio import atomic_path, check_output
 from .signature import DTYPES, dtype_from_name
 
 METADATA_KEY = "__punet__"
@@ -259,6 +259,10 @@ def import_checkpoint(
     import iree.runtime as rt
 
     src = resolve_source(source, revision=revision, variant=variant, progress=progress)
+    from .quant.brevitas import is_brevitas_folder
+
+    if is_brevitas_folder(src.unet_dir):
+        return import_brevitas(src, output, dtype=dtype, variant=variant, progress=progress)
     config = UNetConfig.from_json(src.unet_dir / "config.json")
     files = find_weight_files(src.unet_dir, variant)
     records = [r for f in files for r in read_safetensors_index(f)]
@@ -336,6 +340,33 @@ def import_checkpoint(
                 os.close(fd)
             staging.unlink(missing_ok=True)
     return meta
+
+
+def import_brevitas(
+    src: Source, output: str | Path, *, dtype: str | None, variant: str | None, progress=None
+) -> dict[str, Any]:
+    """A Brevitas folder (quant_params.json beside params.safetensors) -> a quantized .irpa."""
+    from .quant import cast_state
+    from .quant.brevitas import QUANT_PARAMS, read_folder
+
+    check_output(output)
+    if progress:
+        progress(f"reading {src.unet_dir} (Brevitas format: {QUANT_PARAMS})")
+    config, config_json, state, quantization = read_folder(src.unet_dir)
+    floats = sorted({str(v.dtype).removeprefix("torch.") for k, v in state.items() if v.is_floating_point() and k.endswith((".weight", ".bias"))})
+    target = dtype or floats[0]
+    state = cast_state(state, dtype_from_name(target))
+    meta = {
+        "source": src.spec,
+        "source_dir": str(src.unet_dir),
+        "revision": src.revision,
+        "variant": variant,
+        "dtype": target,
+        "config": config.to_dict(),
+        "config_json": config_json,
+        "quantization": quantization,
+    }
+    return write_irpa(output, state, meta, progress)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -134,10 +134,15 @@ def quantize_archive(
     seed: int = 0,
     height: int = DEFAULT_SIZE,
     width: int = DEFAULT_SIZE,
+    fmt: str = "irpa",
     progress: Callable[[str], None] | None = None,
     on_sample: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Calibrate and quantize the float archive `irpa` into `output` (.irpa); return its metadata."""
+    """Calibrate and quantize the float archive `irpa` into `output`; return its metadata.
+
+    `fmt` "irpa": a quantized archive; "brevitas": a Brevitas folder (config.json,
+    params.safetensors, quant_params.json) that `punet import` reads back bit-exactly.
+    """
     from ..fileio import check_output
     from ..tensors import load_tensors
     from ..weights import load_model, read_metadata, write_irpa
@@ -147,11 +152,14 @@ def quantize_archive(
         raise PunetError(f"--scheme {scheme}: fp8 attention is not built yet; use --scheme int8")
     if not 0.0 <= alpha <= 1.0:
         raise PunetError(f"--smoothquant-alpha must be within [0, 1], got {alpha}")
+    if fmt not in ("irpa", "brevitas"):
+        raise PunetError(f"--format {fmt}: expected irpa or brevitas")
     irpa = Path(irpa)
     meta = read_metadata(irpa)
     if meta.get("quantization"):
         raise PunetError(f"{irpa}: already quantized ({meta['quantization']['scheme']}); quantize a float archive")
-    check_output(output)
+    if fmt == "irpa":
+        check_output(output)
     model, config = load_model(irpa)
     layers = plan(config)
     if calibration_inputs_file is not None:
@@ -180,4 +188,11 @@ def quantize_archive(
         "float_archive": {"path": str(irpa), "weights_sha256": meta["weights_sha256"]},
     }
     keep = {k: meta[k] for k in ("source", "source_dir", "revision", "variant", "dtype", "config", "config_json")}
+    if fmt == "brevitas":
+        from .brevitas import write_folder
+
+        if progress:
+            progress(f"writing {output}/ (Brevitas format)")
+        write_folder(output, config, meta["config_json"], state)
+        return {**keep, "quantization": quantization}
     return write_irpa(output, state, {**keep, "quantization": quantization}, progress)
