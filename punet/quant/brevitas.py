@@ -200,6 +200,7 @@ def read_folder(folder: Path) -> tuple[UNetConfig, dict[str, Any], dict[str, tor
         mul = torch.ones(first.in_features) if mul is None else mul.reshape(-1)
         wscale = f.scale("weight_scale", rows).reshape(-1)
         zp = f.zero_point("weight_zp", rows)
+        zp = None if zp is None else zp.reshape(-1)
         if zp is not None and bool((zp != 0).any()):
             asymmetric += [m.name for m in members]
         else:
