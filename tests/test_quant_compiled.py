@@ -1,0 +1,152 @@
+"""Quantized punet compiled for the CPU: integer ops in the MLIR, each layer kind exact, the whole UNet
+within the measured float32 noise of the exact (float64) model.
+
+A user's path, by the CLI: import -> quantize -> export -> compile --target cpu -> run.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from punet.builtin import write_checkpoint
+from punet.quant import plan
+from punet.quant.layers import QuantConv2d, QuantLinear
+from punet.quant.scheme import LayerPlan
+from punet.signature import Signature, make_inputs
+from punet.tensors import load_tensors, save_tensors
+from punet.weights import load_irpa
+
+from .conftest import MICRO_SDXL, rel_l2, run_cli
+
+HW = ("--height", "64", "--width", "64")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant_compiled")
+    write_checkpoint(root / "ckpt", MICRO_SDXL)
+    steps = [
+        ["import", "ckpt", "-o", "f32.irpa"],
+        ["quantize", "f32.irpa", "-o", "int8.irpa", "--calibration-samples", "2", *HW],
+    ]
+    for batch in ("1", "2"):
+        mlir = f"unet_b{batch}_64x64_f32_int8.mlir"
+        steps += [["export", "int8.irpa", "--batch", batch, *HW], ["compile", mlir, "--target", "cpu"]]
+    for args in steps:
+        r = run_cli(*args, cwd=root)
+        assert r.returncode == 0, (args, r.stderr)
+    return root
+
+
+# Bug caught: int8 weights dequantized to float before a float matmul (no integer compute in the
+# module), or a quantized layer exported through the float path.
+def test_mlir_has_one_int8_matmul_per_quantized_layer(built):
+    config, _ = load_irpa(built / "int8.irpa")
+    text = (built / "unet_b1_64x64_f32_int8.mlir").read_text()
+    int_mm = re.findall(r"torch\.aten\._int_mm %\S+, %\S+ : !torch\.vtensor<\[\d+,\d+\],si8>, "
+                        r"!torch\.vtensor<\[\d+,\d+\],si8> -> !torch\.vtensor<\[\d+,\d+\],si32>", text)
+    assert len(int_mm) == len(plan(config))
+    # What stays float: the time and text-time embeddings' Linears, each resnet's time projection,
+    # conv_in and conv_out.
+    floats = len(re.findall(r"torch\.aten\.(?:linear|conv2d|convolution) ", text))
+    resnets = sum(1 for m in plan(config) if m.name.endswith(".conv1"))
+    assert floats == 2 + 2 + resnets + 2
+
+
+def _run(built, vmfb, inputs, out):
+    r = run_cli("run", vmfb, "--irpa", "int8.irpa", "--inputs", inputs, "-o", out, cwd=built)
+    assert r.returncode == 0, r.stderr
+    return load_tensors(built / out)["sample"]
+
+
+def _eager(built, inputs, dtype, out):
+    r = run_cli("run", "int8.irpa", "--inputs", inputs, "--dtype", dtype, "-o", out, cwd=built)
+    assert r.returncode == 0, r.stderr
+    return load_tensors(built / out)["sample"]
+
+
+# Bug caught: the compiled integer path computing something else than the eager one (a transposed
+# weight, a lost zero point, scales applied twice). Rounding flips make the error chaotic input by
+# input (one input flips nothing, the next flips a code and cascades), so the bound is on the set:
+# timesteps 0, 10 and 999 at batch 1 and 2, the compiled module's largest distance from the exact
+# float64 model within twice eager float32's largest.
+def test_compiled_int8_within_twice_the_float32_noise(built):
+    config, _ = load_irpa(built / "f32.irpa")
+    noise, compiled = [], []
+    for batch in (1, 2):
+        for t in (0, 10, 999):
+            x = make_inputs(config, Signature(batch, 64, 64), seed=t)
+            x["timestep"] = torch.full_like(x["timestep"], float(t))
+            name = f"in_b{batch}_t{t}.safetensors"
+            save_tensors(built / name, x)
+            exact = _eager(built, name, "float64", f"f64_{batch}_{t}.safetensors")
+            eager = _eager(built, name, "float32", f"f32_{batch}_{t}.safetensors")
+            iree = _run(built, f"unet_b{batch}_64x64_f32_int8.cpu.vmfb", name, f"iree_{batch}_{t}.safetensors")
+            noise.append(rel_l2(eager, exact))
+            compiled.append(rel_l2(iree, exact))
+    print(f"eager f32 vs f64: {[f'{v:.1e}' for v in noise]}; compiled vs f64: {[f'{v:.1e}' for v in compiled]}")
+    assert 0 < max(noise) < 0.3  # a few percent on this model (docs/quantization.md)
+    assert max(compiled) <= 2 * max(noise)
+
+
+def _compile_module(module: torch.nn.Module, x: torch.Tensor):
+    """A single layer exported with its buffers inlined, compiled with the `cpu` target's tuned flags."""
+    import iree.compiler as ic
+    import iree.runtime as rt
+    from iree.turbine import aot
+
+    from punet.compile import get_target
+
+    t = get_target("cpu")
+    mlir = str(aot.export(module, args=(x,), strict_export=False).mlir_module)
+    flags = [f for f in t.flags + t.tuned_flags if not f.startswith("--iree-hal-target-device")]
+    vmfb = ic.compile_str(mlir, target_backends=["llvm-cpu"], extra_args=flags)
+    return rt.load_vm_flatbuffer(vmfb, driver="local-task")
+
+
+def _layer(cls, layer: LayerPlan, seed: int, **kw):
+    g = torch.Generator().manual_seed(seed)
+    m = cls(layer, bias=True, asymmetric=False, **kw)
+    m.weight.copy_(torch.randint(-128, 128, m.weight.shape, generator=g, dtype=torch.int8))
+    m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+    m.weight_scale.copy_(torch.rand(m.weight_scale.shape, generator=g) * 1e-2 + 1e-3)
+    m.input_scale.fill_(0.037)
+    m.smoothquant_mul.copy_(torch.rand(m.smoothquant_mul.shape, generator=g) + 0.5)
+    return m.eval()
+
+
+def _off_boundary(m, shape, channel_dim, seed):
+    """Inputs whose codes x * mul / s lie 0.2 away from any rounding boundary, some beyond the int8 range."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-140, 141, shape, generator=g).double() + (torch.rand(shape, generator=g).double() - 0.5) * 0.6
+    view = [1] * len(shape)
+    view[channel_dim] = -1
+    return (codes * m.input_scale.double() / m.smoothquant_mul.double().view(view)).float()
+
+
+LAYERS = {
+    "linear": (QuantLinear, LayerPlan("l", "linear", 96, 40), {}, (2, 7, 96), -1),
+    "conv3x3": (QuantConv2d, LayerPlan("c", "conv", 16, 24, 3), {"padding": 1}, (2, 16, 9, 7), 1),
+    "conv1x1": (QuantConv2d, LayerPlan("c", "conv", 16, 24, 1), {"padding": 0}, (1, 16, 6, 6), 1),
+    "conv3x3_stride2": (QuantConv2d, LayerPlan("c", "conv", 16, 8, 3, 2), {"padding": 1}, (1, 16, 9, 8), 1),
+}
+
+
+# Bug caught: a layer kind that IREE computes differently from the integer math (im2col tap order,
+# stride, padding, per-channel scales on the wrong axis), hidden end to end by the other layers' noise.
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_each_layer_kind_compiled_equals_the_float64_math(kind):
+    cls, layer, kw, shape, channel_dim = LAYERS[kind]
+    m = _layer(cls, layer, seed=len(kind), **kw)
+    x = _off_boundary(m, shape, channel_dim, seed=1)
+    module = _compile_module(m, x)
+    got = torch.from_numpy(module.main(x.numpy()).to_host())
+    m64 = _layer(cls, layer, seed=len(kind), **kw).double()
+    with torch.inference_mode():
+        exact = m64(x.double())
+    assert got.shape == exact.shape
+    # Off the boundaries every code is the same, so only float32's rounding of the scaled sum remains.
+    torch.testing.assert_close(got.double(), exact, rtol=2e-6, atol=2e-6 * exact.abs().max().item())
