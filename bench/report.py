@@ -45,8 +45,9 @@ def render(results: dict, threads: int, tflop: dict, outdir: Path) -> tuple[str,
         "",
         "## Latency, side by side",
         "",
-        "Each row is the median of the timed calls of one process per size that alternates all runners on the "
-        "same inputs (warm-up excluded). Ratio: torch eager fp32 median / this median (>1 is faster). "
+        "Each row is the median of the timed calls of one process that alternates the runner with torch eager "
+        "fp32 on the same inputs (warm-up excluded). Ratio: that process's torch eager fp32 median / this "
+        "median (>1 is faster). "
         "FLOP floor: the call's FLOPs / this CPU's fp32 peak"
         + (f" ({peak_tflops:.3f} TFLOP/s = {ghz:.2f} GHz x {per_cycle} FLOP/cycle x {threads} cores)"
            if peak_tflops else "")
@@ -57,11 +58,15 @@ def render(results: dict, threads: int, tflop: dict, outdir: Path) -> tuple[str,
     ]
     probes = {(p["size"], p["runner"]): p for p in results["probes"]}
     chart_rows = []
+    seen = set()
     for t in results["timings"]:
         size = t["size"]
         base = t["runners"].get("eager float32", {}).get("median_s")
         floor = tflop.get(size, 0) / peak_tflops if peak_tflops else None
         for name, r in t["runners"].items():
+            if (size, name) in seen and name == "eager float32":
+                continue  # each timing process pairs a runner with eager fp32: show eager once per size
+            seen.add((size, name))
             p = probes.get((size, name), {})
             ratio = f"{base / r['median_s']:.2f}x" if base else ""
             frac = f"{floor / r['median_s']:.0%}" if floor else ""

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT.parent / "shared" / "configs" / "sdxl-base-1.0-unet.json"
 # torch.utils.flop_counter on the real SDXL config (bench/flops.py), batch 1.
 TFLOP_PER_CALL = {256: 0.43, 512: 1.59, 1024: 6.76}
-SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+# "int8": punet quantize's int8 weights and activations (float32 elsewhere; calibrated on random inputs).
+SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int8": "int8"}
 
 
 def run_child(cmd: list[str], log: Path) -> tuple[float, float]:
@@ -62,7 +63,8 @@ def main() -> None:
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--work", default=str(ROOT / "artifacts" / "bench"))
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
-    p.add_argument("--iree-dtypes", nargs="+", default=["float32", "bfloat16", "float16"])
+    p.add_argument("--iree-dtypes", nargs="+", default=["float32", "bfloat16", "float16"],
+                   help="float32, bfloat16, float16, int8 (punet quantize of the float32 archive)")
     p.add_argument("--eager-dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -82,9 +84,16 @@ def main() -> None:
                   logs / "checkpoint.log")
 
     dtypes = sorted(set(a.iree_dtypes) | set(a.eager_dtypes), key=list(SHORT).index)
+    if "int8" in dtypes and "float32" not in dtypes:
+        dtypes.insert(0, "float32")
     for dtype in dtypes:
         irpa = work / f"unet_{SHORT[dtype]}.irpa"
-        if not irpa.is_file():
+        if dtype == "int8" and not irpa.is_file():
+            print("quantize int8", flush=True)
+            quantize = punet("quantize", str(work / "unet_f32.irpa"), "-o", str(irpa), "--calibration-samples", "2")
+            s, rss = run_child(quantize, logs / "quantize_int8.log")
+            results["stages"].append({"stage": "quantize", "dtype": dtype, "seconds": s, "peak_rss_gib": rss})
+        elif not irpa.is_file():
             print(f"import {dtype}", flush=True)
             s, rss = run_child(punet("import", str(ckpt), "--dtype", dtype, "-o", str(irpa)), logs / f"import_{dtype}.log")
             results["stages"].append({"stage": "import", "dtype": dtype, "seconds": s, "peak_rss_gib": rss})
@@ -113,11 +122,18 @@ def main() -> None:
             job = dict(spec, mode="probe", threads=a.threads, reference=str(reference), out=str(out))
             run_child(worker + [json.dumps(job)], logs / f"probe_{size}_{spec['kind']}_{spec['dtype']}.log")
             results["probes"].append(json.loads(out.read_text()))
-        print(f"timing {size}: {len(specs)} runners alternating, {a.repeat} calls each", flush=True)
-        out = work / f"timing_{size}.json"
-        job = {"mode": "timing", "runners": specs, "threads": a.threads, "repeat": a.repeat, "out": str(out)}
-        run_child(worker + [json.dumps(job)], logs / f"timing_{size}.log")
-        results["timings"].append(json.loads(out.read_text()))
+        # One timing process per runner, alternating it with torch eager fp32: every ratio is measured
+        # side by side, and no process holds more than two models (two full-size IREE runners with their
+        # packed weights do not fit 24 GB beside torch's).
+        base = specs[0]
+        for spec in specs[1:] or [base]:
+            label = f"{spec['kind']}_{spec['dtype']}"
+            print(f"timing {size}: eager float32 and {label} alternating, {a.repeat} calls each", flush=True)
+            out = work / f"timing_{size}_{label}.json"
+            pair = [base, spec] if spec is not base else [base]
+            job = {"mode": "timing", "runners": pair, "threads": a.threads, "repeat": a.repeat, "out": str(out)}
+            run_child(worker + [json.dumps(job)], logs / f"timing_{size}_{label}.log")
+            results["timings"].append(json.loads(out.read_text()))
 
     results["host"] = host()
     Path(a.json or work / "results.json").write_text(json.dumps(results, indent=2))

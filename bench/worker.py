@@ -22,10 +22,11 @@ from punet.weights import load_model
 def make_runner(spec: dict):
     """(name, call, inputs): `call()` runs one synchronised UNet step on fixed inputs."""
     size, dtype = spec["size"], spec["dtype"]
-    sig = Signature(1, size, size, dtype)
+    # int8: quantized weights, float32 inputs and outputs.
+    sig = Signature(1, size, size, "float32" if dtype == "int8" else dtype, quant="int8" if dtype == "int8" else "")
     name = f"{spec['kind']} {dtype}"
     if spec["kind"] == "eager":
-        model, config = load_model(spec["irpa"], dtype=dtype)
+        model, config = load_model(spec["irpa"], dtype=sig.dtype)
         x = make_inputs(config, sig, 0)
         return name, lambda: call_model(model, x)
     session = Session.load(spec["vmfb"], spec["irpa"])

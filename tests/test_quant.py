@@ -294,3 +294,16 @@ def test_quantize_refuses_bad_requests(archives, tmp_path):
     with pytest.raises(PunetError, match="unknown quantization scheme"):
         quantize_archive(archives["f32"], tmp_path / "x.irpa", scheme="int4")
     assert not (tmp_path / "x.irpa").exists()
+
+
+# Bug caught: an int8 module sent to a Vulkan profile without 8-bit support reaching iree-compile
+# (a minute, then "failed to legalize operation 'vector.bitcast'") instead of one line up front.
+def test_targets_without_int8_refuse_quantized_modules(archives):
+    from punet.compile import get_target, plan_compile
+
+    config, _ = load_irpa(archives["int8"])
+    sig = Signature(1, 64, 64, quant="int8")
+    with pytest.raises(PunetError, match="target vulkan does not take int8 modules.*vector.bitcast.*use vulkan-rdna"):
+        plan_compile(get_target("vulkan"), sig, config, tuned=True, decomposed=True)
+    for name in ("cpu", "gfx942", "gfx950", "sm_89", "vulkan-rdna3"):
+        plan_compile(get_target(name), Signature(1, 64, 64, "float16", quant="int8"), config, tuned=True, decomposed=True)

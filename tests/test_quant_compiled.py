@@ -150,3 +150,20 @@ def test_each_layer_kind_compiled_equals_the_float64_math(kind):
     assert got.shape == exact.shape
     # Off the boundaries every code is the same, so only float32's rounding of the scaled sum remains.
     torch.testing.assert_close(got.double(), exact, rtol=2e-6, atol=2e-6 * exact.abs().max().item())
+
+
+# Bug caught: an int8 module that cross-compiles for the CPU but not for the GPUs users serve on.
+# About a minute per target: opt in with -m matrix.
+@pytest.mark.matrix
+@pytest.mark.parametrize("target", ["gfx942", "gfx950", "sm_89", "vulkan-rdna3"])
+def test_int8_compiles_for_gpus(built, target, tmp_path):
+    r = run_cli("import", "ckpt", "--dtype", "float16", "-o", str(tmp_path / "f16.irpa"), cwd=built)
+    assert r.returncode == 0, r.stderr
+    for args in (
+        ["quantize", str(tmp_path / "f16.irpa"), "-o", str(tmp_path / "q.irpa"), "--calibration-samples", "1", *HW],
+        ["export", str(tmp_path / "q.irpa"), *HW, "-o", str(tmp_path / "q.mlir")],
+        ["compile", str(tmp_path / "q.mlir"), "--target", target],
+    ):
+        r = run_cli(*args, cwd=built)
+        assert r.returncode == 0, (args, r.stderr)
+    assert (tmp_path / f"q.{target}.vmfb").stat().st_size > 0

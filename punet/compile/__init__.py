@@ -103,6 +103,13 @@ def plan_compile(t: Target, sig: Signature, config: UNetConfig, *, tuned: bool, 
             + f"; export {t.dtypes[0]}" + (f", or use {', '.join(others)}" if others else "")
         )
     check_fits(config, sig)
+    if sig.quant and sig.quant not in t.quant_schemes:
+        others = [n for n, o in TARGETS.items() if o.driver == t.driver and sig.quant in o.quant_schemes]
+        raise PunetError(
+            f"target {t.name} does not take {sig.quant} modules"
+            + (f" ({t.quant_reason})" if t.quant_reason else "")
+            + (f"; use {', '.join(others)}" if others else "")
+        )
     if not tuned and t.plain_refused:
         raise PunetError(f"target {t.name} --plain: {t.plain_refused}")
     m = t.lowp_tokens_multiple_refused

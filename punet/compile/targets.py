@@ -68,6 +68,9 @@ class Target:
     # Low-precision exports whose text length is a multiple of this are refused (measured wrong output).
     lowp_tokens_multiple_refused: int = 0
     lowp_tokens_reason: str = ""
+    # Quantization schemes (punet.quant) the target compiles; others are refused before iree-compile.
+    quant_schemes: tuple[str, ...] = ("int8",)
+    quant_reason: str = ""
     notes: str = ""
 
     def __post_init__(self):  # the tuned set is never for a dtype the target refuses
@@ -373,6 +376,11 @@ TARGETS: dict[str, Target] = _table(
         attention_reason=_VULKAN_ATTENTION,
         dtypes=("float32",),
         dtype_reason=_FP32_ONLY_VULKAN,
+        quant_schemes=(),
+        quant_reason=(
+            "VP_ANDROID_baseline_2022 has no 8-bit storage or arithmetic: iree-compile fails with "
+            "\"failed to legalize operation 'vector.bitcast'\" (vector<4xi8> -> vector<1xi32>) on the int8 layers"
+        ),
         notes=(
             "vp_android_baseline_2022 is the only vendor-neutral Vulkan target IREE 3.13 knows "
             "(`generic`/`unknown` are rejected: \"Unknown Vulkan target\"). It assumes no fp16 "
