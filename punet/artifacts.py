@@ -18,7 +18,7 @@ def stem(sig: Signature, decomposed: bool = False) -> str:
     """e.g. unet_b1_1024x1024_f16, unet_b2_1024x1024_f16_cfg_decomposed, unet_b1_1024x1024_f16_t64_scheduled, unet_b1_512x512_f32_int8."""
     s = f"unet_b{sig.batch}_{sig.height}x{sig.width}_{DTYPE_SHORT[sig.dtype]}"
     if sig.quant:
-        s += f"_{sig.quant}"
+        s += f"_{sig.quant}" + ("-fnuz" if sig.fp8.endswith("fnuz") else "")
     if sig.tokens != 77:
         s += f"_t{sig.tokens}"
     s += "_scheduled" if sig.scheduled else "_serving" if sig.serving else "_cfg" if sig.cfg else ""

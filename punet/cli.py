@@ -142,7 +142,7 @@ def cmd_import(args) -> int:
     return 0
 
 
-def _signature_from_args(args, dtype: str, quant: str = ""):
+def _signature_from_args(args, dtype: str, quant: str = "", fp8: str = ""):
     from .signature import Signature
 
     shape = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in DEFAULT_SHAPE.items()}
@@ -153,6 +153,7 @@ def _signature_from_args(args, dtype: str, quant: str = ""):
         scheduled=getattr(args, "scheduled", False),
         module_name=getattr(args, "module_name", None) or "",
         quant=quant,
+        fp8=fp8,
         **shape,
     )
 
@@ -299,6 +300,7 @@ def cmd_quantize(args) -> int:
             height=args.height,
             width=args.width,
             fmt=args.format,
+            fp8_dtype=args.fp8_dtype,
             progress=_say,
             on_sample=lambda i, n: bar.update(task, completed=i, total=n),
         )
@@ -316,12 +318,12 @@ def cmd_export(args) -> int:
 
     meta = read_metadata(args.irpa)
     dtype = args.dtype or meta["dtype"]
-    quant = (meta.get("quantization") or {}).get("scheme", "")
+    q = meta.get("quantization") or {}
     with _working("exporting with iree-turbine"):
         res = export_mlir(
             args.irpa,
             args.output,
-            sig=_signature_from_args(args, dtype, quant),
+            sig=_signature_from_args(args, dtype, q.get("scheme", ""), q.get("fp8_dtype", "")),
             decompose_attention=args.decompose_attention,
             scheduler=args.scheduler_config,
             force=args.force,
@@ -614,7 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("irpa", help="float parameter archive (from punet import)")
     p.add_argument("-o", "--output", required=True, help="output .irpa, or a folder with --format brevitas")
-    p.add_argument("--scheme", default="int8", help="int8 (default) or int8-fp8attn")
+    p.add_argument("--scheme", default="int8", help="int8 (default) or int8-fp8attn (also Q, K, V, softmax in fp8)")
+    p.add_argument("--fp8-dtype", default="float8_e4m3fn",
+                   help="fp8 type of int8-fp8attn: float8_e4m3fn (default: CPU, NVIDIA, gfx950) or float8_e4m3fnuz (gfx942)")
     p.add_argument("--smoothquant-alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1] (default 0.5)")
     p.add_argument("--calibration-inputs", help="inputs safetensors to calibrate on (as punet run --save-inputs writes)")
     p.add_argument("--calibration-samples", type=int, help="random SDXL-like inputs, timesteps 999..0 (default 4)")

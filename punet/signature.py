@@ -128,6 +128,7 @@ class Signature:
     module_name: str = ""  # "" = the default for the kind: module, compiled_punet, compiled_spunet
     # Quantization scheme of the weights ("" = float; see punet.quant.scheme). Inputs and outputs keep `dtype`.
     quant: str = ""
+    fp8: str = ""  # the fp8 element type of a scheme with fp8 attention: float8_e4m3fn or float8_e4m3fnuz
 
     def __post_init__(self):
         if self.scheduled:
@@ -147,10 +148,11 @@ class Signature:
                 raise PunetError(f"{key} must be a positive multiple of {LATENT_SCALE} pixels, got {v}")
         if self.dtype not in DTYPES:
             raise PunetError(f"unknown dtype {self.dtype!r} (expected one of: {', '.join(DTYPES)})")
-        if self.quant:
-            from .quant.scheme import get_scheme
+        if self.quant or self.fp8:
+            from .quant.scheme import FP8_DTYPES, get_scheme
 
-            get_scheme(self.quant)
+            if get_scheme(self.quant).fp8_attention != bool(self.fp8) or (self.fp8 and self.fp8 not in FP8_DTYPES):
+                raise PunetError(f"quantization {self.quant!r} with fp8 type {self.fp8 or 'none'!r}: not a valid pair")
         if self.serving and not self.scheduled and self.dtype == "bfloat16":
             raise PunetError(
                 "the serving entry takes its timestep in the model dtype, and bfloat16 rounds timesteps "

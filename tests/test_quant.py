@@ -36,7 +36,12 @@ def archives(tmp_path_factory, checkpoints):
     quantize_archive(f32, q, samples=2, height=64, width=64)
     brevitas = root / "brevitas"
     quantize_archive(f32, brevitas, samples=2, height=64, width=64, fmt="brevitas")
-    return {"f32": f32, "int8": q, "brevitas": brevitas, "root": root}
+    fp8 = root / "fp8.irpa"
+    quantize_archive(f32, fp8, scheme="int8-fp8attn", samples=2, height=64, width=64, fp8_dtype="float8_e4m3fnuz")
+    fp8_brevitas = root / "fp8_brevitas"
+    quantize_archive(f32, fp8_brevitas, scheme="int8-fp8attn", samples=2, height=64, width=64, fmt="brevitas",
+                     fp8_dtype="float8_e4m3fnuz")
+    return {"f32": f32, "int8": q, "brevitas": brevitas, "fp8": fp8, "fp8_brevitas": fp8_brevitas, "root": root}
 
 
 def _diffusers_fake_quant(irpa):
@@ -50,7 +55,7 @@ def _diffusers_fake_quant(irpa):
     float_state = {}
     for key, t in state.items():
         layer, _, field = key.rpartition(".")
-        if layer in layers and field != "bias":
+        if (layer in layers and field != "bias") or field in ("q_scale", "k_scale", "v_scale", "softmax_scale"):
             continue
         float_state[key] = t.double()
     for name in layers:
@@ -74,7 +79,35 @@ def _diffusers_fake_quant(irpa):
 
     for name in layers:
         model.get_submodule(name).register_forward_pre_hook(fake_quant(name))
+    fp8 = meta["quantization"].get("fp8_dtype")
+    if fp8:
+        for name, m in model.named_modules():
+            if type(m).__name__ == "Attention":
+                m.set_processor(_Fp8FakeQuantProcessor(state, name, getattr(torch, fp8)))
     return model
+
+
+class _Fp8FakeQuantProcessor:
+    """diffusers attention with Q, K, V and the softmax output fake-quantized to fp8 (float64)."""
+
+    def __init__(self, state, name, fp8):
+        self.s = {p: state[f"{name}.{p}_scale"].double() for p in ("q", "k", "v", "softmax")}
+        self.fp8, self.fmax = fp8, float(torch.finfo(fp8).max)
+
+    def fq(self, x, s):
+        return torch.clamp(x / s, -self.fmax, self.fmax).to(self.fp8).double() * s
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        b = hidden_states.shape[0]
+        split = lambda t: t.view(b, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)  # noqa: E731
+        q = self.fq(split(attn.to_q(hidden_states)), self.s["q"])
+        k = self.fq(split(attn.to_k(context)), self.s["k"])
+        v = self.fq(split(attn.to_v(context)), self.s["v"])
+        probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+        out = self.fq(probs, self.s["softmax"]) @ v
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1])
+        return attn.to_out[1](attn.to_out[0](out))
 
 
 def _inputs64(config, batch, timestep, seed=0):
@@ -118,10 +151,10 @@ def test_plan_is_every_linear_and_conv_but_the_embeddings_and_outer_convs(checkp
 # Bug caught: any slip in the integer math (im2col order, stride or padding, the scale product, the
 # smoothing multiplier's axis, round mode, saturation, bias order): punet's float64 quantized model
 # must equal diffusers' modules computing the same arithmetic.
-@pytest.mark.parametrize("batch,timestep", [(1, 0), (2, 10), (1, 999)])
-def test_float64_quantized_model_is_exact_against_fake_quant_diffusers(archives, batch, timestep):
-    model, config = load_model(archives["int8"], dtype="float64")
-    ref = _diffusers_fake_quant(archives["int8"])
+@pytest.mark.parametrize("scheme,batch,timestep", [("int8", 1, 0), ("int8", 2, 10), ("int8", 1, 999), ("fp8", 2, 500)])
+def test_float64_quantized_model_is_exact_against_fake_quant_diffusers(archives, scheme, batch, timestep):
+    model, config = load_model(archives[scheme], dtype="float64")
+    ref = _diffusers_fake_quant(archives[scheme])
     x = _inputs64(config, batch, timestep, seed=batch + timestep)
     with torch.inference_mode():
         ours = model(**x)
@@ -159,17 +192,21 @@ def test_asymmetric_weights_are_exact(archives, tmp_path):
 
 
 # Bug caught: a Brevitas writer or reader that loses a bit anywhere (fused split order, scales through
-# JSON, dequantized weights that do not round back to their codes, float tensors altered).
-def test_brevitas_round_trip_is_bit_exact(archives, tmp_path):
+# JSON, dequantized weights that do not round back to their codes, float tensors altered, the fp8
+# attention quantizers or their fp8 type lost).
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_brevitas_round_trip_is_bit_exact(archives, tmp_path, scheme):
+    folder = archives["brevitas" if scheme == "int8" else "fp8_brevitas"]
     out = tmp_path / "back.irpa"
-    meta = import_checkpoint(str(archives["brevitas"]), out)
+    meta = import_checkpoint(str(folder), out)
     assert meta["quantization"]["method"] == "brevitas"
-    _, a = load_irpa(archives["int8"])
+    assert meta["quantization"].get("fp8_dtype") == read_metadata(archives[scheme])["quantization"].get("fp8_dtype")
+    _, a = load_irpa(archives[scheme])
     _, b = load_irpa(out)
     assert sorted(a) == sorted(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-    params = load_file(archives["brevitas"] / "params.safetensors")
+    params = load_file(folder / "params.safetensors")
     fused = [k for k in params if k.endswith("attn1.to_qkv.weight")]
     assert fused and not any(k.endswith(("attn1.to_q.weight", "attn2.to_k.weight")) for k in params)
     d = params[fused[0]].shape[1]
@@ -177,8 +214,8 @@ def test_brevitas_round_trip_is_bit_exact(archives, tmp_path):
     # ... and writing the imported archive again gives the same files.
     config, state = load_irpa(out)
     again = tmp_path / "again"
-    write_folder(again, config, read_metadata(out)["config_json"], state)
-    assert (again / "quant_params.json").read_text() == (archives["brevitas"] / "quant_params.json").read_text()
+    write_folder(again, config, read_metadata(out)["config_json"], state, meta["quantization"].get("fp8_dtype", ""))
+    assert (again / "quant_params.json").read_text() == (folder / "quant_params.json").read_text()
 
 
 def _mutate_json(folder, edit):
@@ -263,8 +300,9 @@ def test_calibration_follows_smoothquant_and_max_abs(archives):
     deq = qstate[f"{name}.weight"].double() * scale.view(-1, 1, 1, 1)
     assert (deq - smoothed).abs().max() <= scale.max() / 2 * 1.0001
     assert qstate[f"{name}.weight"].abs().max() == 127
+    quantized = {m.name for m in plan(config)}
     for k, v in fstate.items():
-        if k.rpartition(".")[0] not in {m.name for m in plan(config)} or k.endswith(".bias"):
+        if k.rpartition(".")[0] not in quantized or k.endswith(".bias"):
             assert torch.equal(qstate[k], v), k
 
 
@@ -307,3 +345,14 @@ def test_targets_without_int8_refuse_quantized_modules(archives):
         plan_compile(get_target("vulkan"), sig, config, tuned=True, decomposed=True)
     for name in ("cpu", "gfx942", "gfx950", "sm_89", "vulkan-rdna3"):
         plan_compile(get_target(name), Signature(1, 64, 64, "float16", quant="int8"), config, tuned=True, decomposed=True)
+    # fp8 attention: MI300 computes e4m3fnuz, Ada and MI350 e4m3fn; other GPUs none.
+    fnuz = Signature(1, 64, 64, "float16", quant="int8-fp8attn", fp8="float8_e4m3fnuz")
+    fn = Signature(1, 64, 64, "float16", quant="int8-fp8attn", fp8="float8_e4m3fn")
+    plan_compile(get_target("gfx942"), fnuz, config, tuned=True, decomposed=True)
+    plan_compile(get_target("sm_89"), fn, config, tuned=True, decomposed=True)
+    with pytest.raises(PunetError, match="target sm_89 does not compute float8_e4m3fnuz.*--fp8-dtype float8_e4m3fn;.*gfx942"):
+        plan_compile(get_target("sm_89"), fnuz, config, tuned=True, decomposed=True)
+    with pytest.raises(PunetError, match="target gfx942 does not compute float8_e4m3fn .*--fp8-dtype float8_e4m3fnuz"):
+        plan_compile(get_target("gfx942"), fn, config, tuned=True, decomposed=True)
+    with pytest.raises(PunetError, match="target sm_80 does not take int8-fp8attn modules; use sm_89"):
+        plan_compile(get_target("sm_80"), fn, config, tuned=True, decomposed=True)

@@ -110,6 +110,13 @@ def plan_compile(t: Target, sig: Signature, config: UNetConfig, *, tuned: bool, 
             + (f" ({t.quant_reason})" if t.quant_reason else "")
             + (f"; use {', '.join(others)}" if others else "")
         )
+    if sig.fp8 and sig.fp8 not in t.fp8_dtypes:
+        others = [n for n, o in TARGETS.items() if sig.fp8 in o.fp8_dtypes and o.driver != "local-task"]
+        raise PunetError(
+            f"target {t.name} does not compute {sig.fp8} (fp8 attention)"
+            + (f": it takes {' or '.join(t.fp8_dtypes)}; quantize with --fp8-dtype {t.fp8_dtypes[0]}" if t.fp8_dtypes else "")
+            + (f"; {sig.fp8} GPU targets: {', '.join(others)}" if others else "")
+        )
     if not tuned and t.plain_refused:
         raise PunetError(f"target {t.name} --plain: {t.plain_refused}")
     m = t.lowp_tokens_multiple_refused
@@ -126,7 +133,8 @@ def plan_compile(t: Target, sig: Signature, config: UNetConfig, *, tuned: bool, 
         )
         tuned = False
     needs = t.decompose_attention if tuned else t.decompose_attention_plain
-    return CompilePlan(tuned, needs and not decomposed, t.attention_reason, note)
+    # fp8 attention is matmul + softmax already: nothing to decompose.
+    return CompilePlan(tuned, needs and not decomposed and not sig.fp8, t.attention_reason, note)
 
 
 def compile_vmfb(

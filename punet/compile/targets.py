@@ -71,6 +71,8 @@ class Target:
     # Quantization schemes (punet.quant) the target compiles; others are refused before iree-compile.
     quant_schemes: tuple[str, ...] = ("int8",)
     quant_reason: str = ""
+    # fp8 element types the target computes (fp8 attention, scheme int8-fp8attn): none by default.
+    fp8_dtypes: tuple[str, ...] = ()
     notes: str = ""
 
     def __post_init__(self):  # the tuned set is never for a dtype the target refuses
@@ -278,6 +280,8 @@ TARGETS: dict[str, Target] = _table(
     # ---------------------------------------------------------------- CPU
     Target(
         name="cpu",
+        quant_schemes=("int8", "int8-fp8attn"),
+        fp8_dtypes=("float8_e4m3fn", "float8_e4m3fnuz",),
         backend="llvm-cpu",
         driver="local-task",
         description="This machine's CPU (all of its ISA extensions)",
@@ -295,6 +299,8 @@ TARGETS: dict[str, Target] = _table(
     ),
     Target(
         name="cpu-generic",
+        quant_schemes=("int8", "int8-fp8attn"),
+        fp8_dtypes=("float8_e4m3fn", "float8_e4m3fnuz",),
         backend="llvm-cpu",
         driver="local-task",
         description="Any x86-64 CPU (baseline x86-64, SSE2)",
@@ -317,6 +323,8 @@ TARGETS: dict[str, Target] = _table(
     # --------------------------------------------------------------- ROCm
     Target(
         name="gfx942",
+        quant_schemes=("int8", "int8-fp8attn"),
+        fp8_dtypes=("float8_e4m3fnuz",),
         backend="rocm",
         driver="hip",
         description="AMD Instinct MI300X/MI300A/MI325X (CDNA3)",
@@ -333,6 +341,8 @@ TARGETS: dict[str, Target] = _table(
     ),
     Target(
         name="gfx950",
+        quant_schemes=("int8", "int8-fp8attn"),
+        fp8_dtypes=("float8_e4m3fn",),
         backend="rocm",
         driver="hip",
         description="AMD Instinct MI350X/MI355X (CDNA4)",
@@ -486,6 +496,8 @@ TARGETS: dict[str, Target] = _table(
     ),
     Target(
         name="sm_89",
+        quant_schemes=("int8", "int8-fp8attn"),
+        fp8_dtypes=("float8_e4m3fn",),
         description="NVIDIA RTX 40 / L4 / L40 (Ada Lovelace, sm_89)",
         flags=_cuda("sm_89"),
         **_CUDA_RULES,

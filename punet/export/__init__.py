@@ -162,9 +162,11 @@ def export_mlir(
         )
     quantization = meta.get("quantization")
     scheme = quantization["scheme"] if quantization else ""
-    if sig.quant != scheme:
+    fp8 = quantization.get("fp8_dtype", "") if quantization else ""
+    if (sig.quant, sig.fp8) != (scheme, fp8):
         raise PunetError(
-            f"{irpa}: weights are {scheme or 'float (not quantized)'}, export asked for {sig.quant or 'float'}"
+            f"{irpa}: weights are {scheme or 'float (not quantized)'}{' ' + fp8 if fp8 else ''}, "
+            f"export asked for {sig.quant or 'float'}{' ' + sig.fp8 if sig.fp8 else ''}"
         )
     config = UNetConfig.from_dict(meta["config"])
     check_fits(config, sig)
@@ -261,7 +263,11 @@ def _structure(quantization: dict[str, Any] | None) -> dict[str, Any] | None:
     """What of a quantization's metadata shapes the module: its scheme and asymmetric layers, not its calibration."""
     if not quantization:
         return None
-    return {"scheme": quantization["scheme"], "asymmetric": sorted(quantization.get("asymmetric", ()))}
+    return {
+        "scheme": quantization["scheme"],
+        "asymmetric": sorted(quantization.get("asymmetric", ())),
+        "fp8_dtype": quantization.get("fp8_dtype", ""),
+    }
 
 
 def _specs(specs) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 # Quantizer tensors: float32 whatever the model's dtype (float64 when the model runs in float64).
-SCALE_SUFFIXES = (".weight_scale", ".input_scale", ".smoothquant_mul")
+SCALE_SUFFIXES = (".weight_scale", ".input_scale", ".smoothquant_mul", ".q_scale", ".k_scale", ".v_scale", ".softmax_scale")
 
 
 def quantize_from_metadata(model: torch.nn.Module, config: UNetConfig, quantization: dict[str, Any]) -> None:
@@ -40,8 +40,9 @@ def quantize_from_metadata(model: torch.nn.Module, config: UNetConfig, quantizat
     The metadata names the scheme and the layers with asymmetric weights
     (`asymmetric`: they carry a `weight_zp`).
     """
-    get_scheme(quantization["scheme"])
-    quantize_model(model, plan(config), frozenset(quantization.get("asymmetric", ())))
+    scheme = get_scheme(quantization["scheme"])
+    fp8 = quantization.get("fp8_dtype", "") if scheme.fp8_attention else ""
+    quantize_model(model, plan(config), frozenset(quantization.get("asymmetric", ())), fp8)
 
 
 def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -38,8 +38,10 @@ from .scheme import INT8_MAX, INT8_MIN, LayerPlan, plan
 
 QUANT_PARAMS = "quant_params.json"
 PARAMS = "params.safetensors"
-# Attention activation quantizers (the fp8 attention flow): Q, K, V and the softmax output.
-ATTENTION_QUANTIZERS = ("out_q", "out_k", "out_v", "output_softmax_quant")
+# Attention activation quantizers (the fp8 attention flow): Q, K, V and the softmax output, and
+# the archive key (under the attention module) each becomes.
+ATTENTION_QUANTIZERS = {"out_q": "q_scale", "out_k": "k_scale", "out_v": "v_scale", "output_softmax_quant": "softmax_scale"}
+_ACT_FIELDS = {"act_scale", "act_zp"}
 _ZP_DTYPES = {"torch.int8": 0, "torch.uint8": -128}  # offset into the signed int8 domain
 _KNOWN_DTYPES = {"torch.int8", "torch.uint8", "torch.float8_e4m3fn", "torch.float8_e4m3fnuz", "torch.float32"}
 _LAYER_FIELDS = {"smoothquant_mul", "input_scale", "input_zp", "weight_scale", "weight_zp", "output_scale"}
@@ -140,11 +142,36 @@ def read_folder(folder: Path) -> tuple[UNetConfig, dict[str, Any], dict[str, tor
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise PunetError(f"{qpath}: no entry for quantized layer {missing[0]!r}{more}")
+    fp8_dtype = ""
+    attention_state: dict[str, torch.Tensor] = {}
     if attention_scales:
-        raise PunetError(
-            f"{qpath}: {next(iter(attention_scales))!r}: fp8 attention quantizers are not supported yet "
-            "(punet imports the int8 scheme)"
-        )
+        from .scheme import attention_modules
+
+        attentions = set(attention_modules(config))
+        for name, entry in attention_scales.items():
+            attn, _, leaf = name.rpartition(".")
+            f = _Fields(qpath, name, entry)
+            for field in f.entry:
+                if field.removesuffix("_shape").removesuffix("_dtype") not in _ACT_FIELDS:
+                    f.fail(field, f"unknown field (expected: {', '.join(sorted(_ACT_FIELDS))})")
+            if attn not in attentions:
+                raise PunetError(f"{qpath}: layer {name!r}: no attention {attn!r} in the model config.json describes")
+            zp = f.tensor("act_zp", 1)
+            if zp is not None and (zp != 0).any():
+                f.fail("act_zp", "is nonzero; punet's fp8 quantizers are symmetric")
+            dtype = f.entry.get("act_zp_dtype")
+            if dtype not in _KNOWN_DTYPES:
+                f.fail("act_zp_dtype", f"unknown dtype string {dtype!r} (expected torch.float8_e4m3fn or torch.float8_e4m3fnuz)")
+            if not dtype.startswith("torch.float8"):
+                f.fail("act_zp_dtype", f"{dtype}: attention quantizers must be fp8")
+            if fp8_dtype and dtype.removeprefix("torch.") != fp8_dtype:
+                f.fail("act_zp_dtype", f"{dtype} differs from the other attention quantizers' torch.{fp8_dtype}")
+            fp8_dtype = dtype.removeprefix("torch.")
+            attention_state[f"{attn}.{ATTENTION_QUANTIZERS[leaf]}"] = f.scale("act_scale", 1).reshape(())
+        for attn in sorted(attentions):
+            for leaf, key in ATTENTION_QUANTIZERS.items():
+                if f"{attn}.{key}" not in attention_state:
+                    raise PunetError(f"{qpath}: no entry for attention quantizer {attn}.{leaf!r} (the fp8 scheme needs all four)")
 
     from ..weights import expected_shapes
 
@@ -218,7 +245,14 @@ def read_folder(folder: Path) -> tuple[UNetConfig, dict[str, Any], dict[str, tor
                 state[f"{m.name}.weight_zp"] = zp[rows_m].clone()
             if bias is not None:
                 state[f"{m.name}.bias"] = bias[rows_m].clone()
-    quantization = {"scheme": "int8", "layers": len(layers), "asymmetric": asymmetric, "method": "brevitas"}
+    state.update(attention_state)
+    quantization = {
+        "scheme": "int8-fp8attn" if fp8_dtype else "int8",
+        "layers": len(layers),
+        "asymmetric": asymmetric,
+        **({"fp8_dtype": fp8_dtype} if fp8_dtype else {}),
+        "method": "brevitas",
+    }
     return config, config_json, state, quantization
 
 
@@ -231,7 +265,9 @@ def _member_of_fused(key: str, groups: dict[str, list[LayerPlan]]) -> bool:
     return False
 
 
-def write_folder(folder: str | Path, config: UNetConfig, config_json: dict[str, Any], state: dict[str, torch.Tensor]) -> Path:
+def write_folder(
+    folder: str | Path, config: UNetConfig, config_json: dict[str, Any], state: dict[str, torch.Tensor], fp8_dtype: str = ""
+) -> Path:
     """Write a quantized archive's tensors as a Brevitas folder (atomically: a temporary folder, then renamed).
 
     Weights are written dequantized, (q - zp) * scale, in float32: exact, so reading them back
@@ -249,7 +285,11 @@ def write_folder(folder: str | Path, config: UNetConfig, config_json: dict[str, 
     for layer in layers:
         groups.setdefault(layer.group, []).append(layer)
     layer_names = {m.name for m in layers}
-    params = {k: v for k, v in state.items() if k.rpartition(".")[0] not in layer_names}
+    attention_keys = set(ATTENTION_QUANTIZERS.values())
+    params = {
+        k: v for k, v in state.items()
+        if k.rpartition(".")[0] not in layer_names and k.rpartition(".")[2] not in attention_keys
+    }
     quant: dict[str, Any] = {}
     for group, members in groups.items():
         weights, biases = [], []
@@ -283,6 +323,15 @@ def write_folder(folder: str | Path, config: UNetConfig, config_json: dict[str, 
             zp = torch.cat([state[f"{m.name}.weight_zp"] for m in members])
             entry.update(weight_zp=zp.tolist(), weight_zp_shape=[zp.numel()] + [1] * (ndim - 1), weight_zp_dtype="torch.int8")
         quant[group] = entry
+    if fp8_dtype:
+        from .scheme import attention_modules
+
+        for attn in attention_modules(config):
+            for leaf, key in ATTENTION_QUANTIZERS.items():
+                quant[f"{attn}.{leaf}"] = {
+                    "act_scale": state[f"{attn}.{key}"].item(), "act_scale_shape": [],
+                    "act_zp": 0.0, "act_zp_shape": [], "act_zp_dtype": f"torch.{fp8_dtype}",
+                }
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:

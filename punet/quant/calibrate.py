@@ -20,7 +20,7 @@ import torch
 
 from ..config import UNetConfig
 from ..errors import PunetError
-from .scheme import INT8_MAX, INT8_MIN, LayerPlan, get_scheme, plan
+from .scheme import FP8_DTYPES, INT8_MAX, INT8_MIN, LayerPlan, get_scheme, plan
 
 DEFAULT_ALPHA = 0.5
 DEFAULT_SAMPLES = 4
@@ -71,6 +71,45 @@ def collect_input_max(
         for h in handles:
             h.remove()
     return stats
+
+
+def collect_attention_max(model: torch.nn.Module, inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per attention module `A`, the max |Q|, |K|, |V| (`A.q` ...) over every calibration call."""
+    from ..eager import call_model
+    from ..model.layers import Attention
+
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook_for(key: str):
+        def hook(_module, _args, out):
+            m = out.detach().abs().max().double()
+            stats[key] = m if key not in stats else torch.maximum(stats[key], m)
+
+        return hook
+
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, Attention):
+            for p in "qkv":
+                handles.append(getattr(m, f"to_{p}").register_forward_hook(hook_for(f"{name}.{p}")))
+    try:
+        for tensors in inputs:
+            call_model(model, tensors)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def fp8_attention_scales(stats: dict[str, torch.Tensor], fp8_dtype: str) -> dict[str, torch.Tensor]:
+    """q/k/v scales max|x| / fp8 max, and the softmax output's 1 / fp8 max (probabilities are <= 1)."""
+    fmax = float(torch.finfo(FP8_DTYPES[fp8_dtype]).max)
+    out = {}
+    for key, m in stats.items():
+        attn, _, p = key.rpartition(".")
+        out[f"{attn}.{p}_scale"] = torch.tensor(m.item() / fmax if m > 0 else 1.0, dtype=torch.float32)
+        out[f"{attn}.softmax_scale"] = torch.tensor(1.0 / fmax, dtype=torch.float32)
+    return out
 
 
 def smooth_and_quantize(
@@ -135,6 +174,7 @@ def quantize_archive(
     height: int = DEFAULT_SIZE,
     width: int = DEFAULT_SIZE,
     fmt: str = "irpa",
+    fp8_dtype: str = "float8_e4m3fn",
     progress: Callable[[str], None] | None = None,
     on_sample: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
@@ -148,8 +188,8 @@ def quantize_archive(
     from ..weights import load_model, read_metadata, write_irpa
 
     sch = get_scheme(scheme)
-    if sch.fp8_attention:
-        raise PunetError(f"--scheme {scheme}: fp8 attention is not built yet; use --scheme int8")
+    if fp8_dtype not in FP8_DTYPES:
+        raise PunetError(f"--fp8-dtype {fp8_dtype}: expected one of {', '.join(FP8_DTYPES)}")
     if not 0.0 <= alpha <= 1.0:
         raise PunetError(f"--smoothquant-alpha must be within [0, 1], got {alpha}")
     if fmt not in ("irpa", "brevitas"):
@@ -178,10 +218,13 @@ def quantize_archive(
     stats = collect_input_max(model, layers, inputs, on_sample)
     state = {k: v for k, v in model.state_dict().items()}
     state.update(smooth_and_quantize(state, layers, stats, alpha))
+    if sch.fp8_attention:
+        state.update(fp8_attention_scales(collect_attention_max(model, inputs), fp8_dtype))
     quantization = {
         "scheme": scheme,
         "layers": len(layers),
         "asymmetric": [],
+        **({"fp8_dtype": fp8_dtype} if sch.fp8_attention else {}),
         "method": "punet quantize",
         "smoothquant_alpha": alpha,
         "calibration": calibration,
@@ -193,6 +236,6 @@ def quantize_archive(
 
         if progress:
             progress(f"writing {output}/ (Brevitas format)")
-        write_folder(output, config, meta["config_json"], state)
+        write_folder(output, config, meta["config_json"], state, quantization.get("fp8_dtype", ""))
         return {**keep, "quantization": quantization}
     return write_irpa(output, state, {**keep, "quantization": quantization}, progress)

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .scheme import INT8_MAX, INT8_MIN, LayerPlan
+from ..model.layers import Attention
+from .scheme import FP8_DTYPES, INT8_MAX, INT8_MIN, LayerPlan
 
 
 def _scale_dtype(x: torch.Tensor) -> torch.dtype:
@@ -96,6 +97,45 @@ class QuantConv2d(_QuantBase):
         return y.reshape(b, h, w, self.out_features).permute(0, 3, 1, 2)  # (B, N, H', W')
 
 
+class Fp8Attention(Attention):
+    """Attention whose Q, K, V and softmax output are quantized to fp8 before the two matmuls.
+
+    Each is divided by its per-tensor scale, saturated to the fp8 range and rounded to fp8; the
+    matmuls multiply fp8 values (exact in float64, and in the float32 of IREE's kernels up to the
+    sum's rounding), and the scales come back after each matmul. The projections around it are
+    the int8 layers.
+    """
+
+    def __init__(self, old: Attention, fp8_dtype: str):
+        nn.Module.__init__(self)  # not Attention.__init__: the projections are old's (quantized) ones
+        self.heads, self.head_dim, self.decomposed = old.heads, old.head_dim, True
+        self.to_q, self.to_k, self.to_v, self.to_out = old.to_q, old.to_k, old.to_v, old.to_out
+        self.fp8 = FP8_DTYPES[fp8_dtype]
+        self.fp8_max = float(torch.finfo(self.fp8).max)
+        device = old.to_out[0].weight.device
+        for name in ("q_scale", "k_scale", "v_scale", "softmax_scale"):
+            self.register_buffer(name, torch.empty((), dtype=torch.float32, device=device))
+
+    def _to_fp8(self, x: torch.Tensor, scale: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        return torch.clamp(x.to(dt) / scale.to(dt), -self.fp8_max, self.fp8_max).to(self.fp8)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        b = x.shape[0]
+        dt = _scale_dtype(x)
+        q = self.to_q(x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, N, head_dim)
+        k = self.to_k(context).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, M, head_dim)
+        v = self.to_v(context).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, M, head_dim)
+        q8, k8, v8 = self._to_fp8(q, self.q_scale, dt), self._to_fp8(k, self.k_scale, dt), self._to_fp8(v, self.v_scale, dt)
+        qk_scale = self.q_scale.to(dt) * self.k_scale.to(dt) * (self.head_dim**-0.5)
+        scores = torch.matmul(q8.to(dt), k8.to(dt).transpose(-1, -2)) * qk_scale  # (B, heads, N, M)
+        probs = torch.softmax(scores, dim=-1)
+        p8 = self._to_fp8(probs, self.softmax_scale, dt)
+        out = torch.matmul(p8.to(dt), v8.to(dt)) * (self.softmax_scale.to(dt) * self.v_scale.to(dt))  # (B, heads, N, head_dim)
+        out = out.to(x.dtype).transpose(1, 2).reshape(b, -1, self.heads * self.head_dim)  # (B, N, inner)
+        return self.to_out[0](out)
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -105,8 +145,13 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
         setattr(parent, leaf, new)
 
 
-def quantize_model(model: nn.Module, layers: list[LayerPlan], asymmetric: frozenset[str] = frozenset()) -> nn.Module:
-    """Swap every planned Linear/Conv2d of `model` for its quantized twin (empty buffers, same device)."""
+def quantize_model(
+    model: nn.Module, layers: list[LayerPlan], asymmetric: frozenset[str] = frozenset(), fp8_dtype: str = ""
+) -> nn.Module:
+    """Swap every planned Linear/Conv2d of `model` for its quantized twin (empty buffers, same device).
+
+    With `fp8_dtype`, every attention also becomes an Fp8Attention around its quantized projections.
+    """
     for layer in layers:
         old = model.get_submodule(layer.name)
         device = old.weight.device
@@ -117,4 +162,8 @@ def quantize_model(model: nn.Module, layers: list[LayerPlan], asymmetric: frozen
         else:
             new = QuantConv2d(layer, has_bias, zp, old.padding[0], device)
         _replace(model, layer.name, new)
+    if fp8_dtype:
+        for name, m in list(model.named_modules()):
+            if isinstance(m, Attention) and not isinstance(m, Fp8Attention):
+                _replace(model, name, Fp8Attention(m, fp8_dtype))
     return model
