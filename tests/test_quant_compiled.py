@@ -94,6 +94,10 @@ def test_compiled_int8_within_twice_the_float32_noise(built):
 
 def _compile_module(module: torch.nn.Module, x: torch.Tensor):
     """A single layer exported with its buffers inlined, compiled with the `cpu` target's tuned flags."""
+    return _compile_module_args(module, (x,))
+
+
+def _compile_module_args(module: torch.nn.Module, args: tuple[torch.Tensor, ...]):
     import iree.compiler as ic
     import iree.runtime as rt
     from iree.turbine import aot
@@ -101,7 +105,7 @@ def _compile_module(module: torch.nn.Module, x: torch.Tensor):
     from punet.compile import get_target
 
     t = get_target("cpu")
-    mlir = str(aot.export(module, args=(x,), strict_export=False).mlir_module)
+    mlir = str(aot.export(module, args=args, strict_export=False).mlir_module)
     flags = [f for f in t.flags + t.tuned_flags if not f.startswith("--iree-hal-target-device")]
     vmfb = ic.compile_str(mlir, target_backends=["llvm-cpu"], extra_args=flags)
     return rt.load_vm_flatbuffer(vmfb, driver="local-task")
@@ -150,6 +154,58 @@ def test_each_layer_kind_compiled_equals_the_float64_math(kind):
     assert got.shape == exact.shape
     # Off the boundaries every code is the same, so only float32's rounding of the scaled sum remains.
     torch.testing.assert_close(got.double(), exact, rtol=2e-6, atol=2e-6 * exact.abs().max().item())
+
+
+def _fp8_attention(fp8: str, seed: int = 0):
+    from punet.model.layers import Attention
+    from punet.quant.layers import Fp8Attention
+
+    dim, heads, ctx = 32, 2, 24
+    attn = Attention(dim, heads, dim // heads, ctx)
+    for name in ("to_q", "to_k", "to_v", "to_out.0"):
+        lin = attn.get_submodule(name)
+        layer = LayerPlan(name, "linear", lin.in_features, lin.out_features)
+        q = _layer(QuantLinear, layer, seed=seed + len(name))
+        if lin.bias is None:
+            q.bias = None
+        parent, _, leaf = name.rpartition(".")
+        if parent:
+            attn.to_out[0] = q
+        else:
+            setattr(attn, leaf, q)
+    m = Fp8Attention(attn, fp8)
+    m.q_scale.fill_(0.05)
+    m.k_scale.fill_(0.04)
+    m.v_scale.fill_(0.03)
+    m.softmax_scale.fill_(1 / torch.finfo(m.fp8).max)
+    return m.eval()
+
+
+class _WithContext(torch.nn.Module):
+    def __init__(self, attn):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x, context):
+        return self.attn(x, context)
+
+
+# Bug caught: IREE rounding to fp8 differently from torch (saturation, the fnuz type's range, NaN
+# encoding), or the scales of the fp8 attention matmuls lost in export.
+@pytest.mark.parametrize("fp8", ["float8_e4m3fn", "float8_e4m3fnuz"])
+def test_fp8_attention_compiled_equals_eager(fp8):
+    m = _fp8_attention(fp8)
+    g = torch.Generator().manual_seed(3)
+    x, ctx = torch.randn(2, 10, 32, generator=g), torch.randn(2, 7, 24, generator=g)
+    from iree.turbine import aot
+
+    text = str(aot.export(_WithContext(m), args=(x, ctx), strict_export=False).mlir_module)
+    assert len(re.findall(r"-> !torch\.vtensor<\[[\d,]+\],f8E4M3FN" + ("UZ" if fp8.endswith("fnuz") else ">"), text)) == 4
+    module = _compile_module_args(_WithContext(m), (x, ctx))
+    got = torch.from_numpy(module.main(x.numpy(), ctx.numpy()).to_host())
+    with torch.inference_mode():
+        eager = m(x, ctx)
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5 * eager.abs().max().item())
 
 
 # Bug caught: an int8 module that cross-compiles for the CPU but not for the GPUs users serve on.
