@@ -210,7 +210,7 @@ def benchmark(
         entry=session.info["entry"],
         inputs=session.info["inputs"],
         scheduled=session.signature.scheduled,
-        dtype=session.signature.dtype,
+        dtype=session.signature.dtype + (f", weights {session.signature.quant}" if session.signature.quant else ""),
         iree=Stats(iree_ms),
         eager=Stats(eager_ms) if eager_ms else None,
         host=host_info(),
