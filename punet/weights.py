@@ -381,16 +381,26 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 def load_irpa(path: str | Path) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
     """(config, state_dict) of an .irpa; tensors are views of the memory-mapped file."""
     path = Path(path)
-    index = _open_index(path)
-    entries = _entries(index)
     meta = read_metadata(path)
     try:
         config = UNetConfig.from_dict(meta["config"])
     except ConfigError as e:
         raise PunetError(f"{path}: embedded config: {e}") from None
+    state = read_tensors(path)
+    if "sharding" in meta:  # a `punet shard` archive: its rank files' slices, put back together
+        from .sharded.archive import unsharded_state
+
+        state = unsharded_state(path, meta, state)
+    return config, state
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an archive (not the punet metadata entries): views of the memory-mapped file."""
+    path = Path(path)
+    entries = _entries(_open_index(path))
     state: dict[str, torch.Tensor] = {}
     for key, e in entries.items():
-        if key == METADATA_KEY:
+        if key.startswith(METADATA_KEY):
             continue
         md = e.metadata.decode() if isinstance(e.metadata, bytes) else str(e.metadata)
         if not md.startswith(TENSOR_METADATA_PREFIX):
@@ -400,13 +410,17 @@ def load_irpa(path: str | Path) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
             warnings.simplefilter("ignore")  # the mapping is read-only; tensors must not be written
             flat = torch.frombuffer(e.file_view, dtype=torch.uint8)
         state[key] = flat.view(DTYPES[info["dtype"]]).view(info["shape"])
-    return config, state
+    return state
 
 
 def load_model(path: str | Path, dtype: str | None = None, device: str = "cpu"):
     """Build punet's model from an .irpa (weights copied to `device` in `dtype`)."""
     from .model import UNet2DConditionModel
 
+    if "sharding" in read_metadata(path):  # a `punet shard` archive: the ranks simulated side by side
+        from .sharded.archive import load_sharded_model
+
+        return load_sharded_model(path, dtype, device)
     config, state = load_irpa(path)
     with torch.device("meta"):
         model = UNet2DConditionModel(config)
