@@ -40,7 +40,7 @@ class Split:
     def name(self) -> str:
         if self.dim is None:
             return "replicated"
-        kind = {0: "column (out)", 1: "row (in)"}[self.dim]
+        kind = {0: "column", 1: "row"}[self.dim]
         return kind + (f", {self.halves} halves alike" if self.halves > 1 else "")
 
 
@@ -57,6 +57,7 @@ class LayerRule:
     kind: str
     module: str  # class name in punet/model/layers.py
     splits: dict[str, Split]  # weight name inside the layer -> split
+    summary: str  # the splits in a few words, for the plan's table
     communication: str
     divides: str  # what the rank count must divide, said to the user
 
@@ -72,7 +73,8 @@ RULES: tuple[LayerRule, ...] = (
             "to_out.0.weight": ROW,
             "to_out.0.bias": REPLICATE,  # added once, after the all-reduce
         },
-        "all-reduce after to_out.0 (heads split: q/k/v column-parallel, to_out row-parallel)",
+        "heads: to_q, to_k, to_v column; to_out.0 row (its bias after the all-reduce)",
+        "1 all-reduce, after to_out.0",
         "heads",
     ),
     LayerRule(
@@ -84,7 +86,8 @@ RULES: tuple[LayerRule, ...] = (
             "net.2.weight": ROW,
             "net.2.bias": REPLICATE,  # added once, after the all-reduce
         },
-        "all-reduce after net.2 (GEGLU column-parallel, value and gate halves alike; net.2 row-parallel)",
+        "GEGLU proj column (value and gate halves alike); net.2 row (its bias after the all-reduce)",
+        "1 all-reduce, after net.2",
         "inner features",
     ),
     LayerRule(
@@ -104,7 +107,8 @@ RULES: tuple[LayerRule, ...] = (
             "conv_shortcut.weight": ROW,  # on the rank's slice of the replicated input, summed with conv2's partial
             "conv_shortcut.bias": REPLICATE,
         },
-        "all-reduce after conv2 (+ the shortcut's partial: one all-reduce per block)",
+        "conv1, time_emb_proj, norm2 column (whole groups per rank); conv2, conv_shortcut row; norm1 replicated",
+        "1 all-reduce, after conv2 (with the shortcut's partial sum)",
         "norm groups",
     ),
 )
@@ -157,8 +161,7 @@ class Plan:
         for rule in RULES:
             keys = [k for k in self.splits if _layer_of(k, self.layers) is not None
                     and self.layers[_layer_of(k, self.layers)] == rule.kind]
-            out.append(_row(rule.kind, ", ".join(f"{w}: {s.name}" for w, s in rule.splits.items()),
-                            rule.communication, keys, self, shapes, itemsize))
+            out.append(_row(rule.kind, rule.summary, rule.communication, keys, self, shapes, itemsize))
         rest = [k for k in self.splits if _layer_of(k, self.layers) is None]
         out.append(_row("everything else", "replicated", "none", rest, self, shapes, itemsize))
         return out
