@@ -91,8 +91,15 @@ def tp2(micro, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_tp2_compiled_on_two_local_devices_equals_torch(tp2):
+    from punet.runtime.bench import benchmark_command
+
     vmfb, sharded = tp2
-    assert Session.load(vmfb, sharded).signature.tp == 2
+    session = Session.load(vmfb, sharded)
+    assert session.signature.tp == 2
+    # The equivalent command names every archive file and both devices.
+    cmd = benchmark_command(session, None)
+    assert cmd.count("--device=local-task") == 2 and all(
+        f"--parameters=model={p}" in cmd for p in (sharded, rank_irpa_path(sharded, 0), rank_irpa_path(sharded, 1)))
 
 
 @pytest.mark.tp4

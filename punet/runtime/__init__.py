@@ -153,6 +153,7 @@ class Session:
         session._fns = {name: getattr(session._modules[-1], name) for name in session.entries}
         session._fn = None if session.signature.scheduled else session._fns[info["entry"]]
         session._index = index
+        session.parameter_files = files  # the archive, and its rank files for a tensor-parallel module
         return session
 
     def upload(self, spec: TensorSpec, t: torch.Tensor) -> Any:
