@@ -396,21 +396,28 @@ def load_irpa(path: str | Path) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of an archive (not the punet metadata entries): views of the memory-mapped file."""
-    path = Path(path)
-    entries = _entries(_open_index(path))
     state: dict[str, torch.Tensor] = {}
-    for key, e in entries.items():
+    for key, (dtype, shape, e) in tensor_entries(path).items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the mapping is read-only; tensors must not be written
+            flat = torch.frombuffer(e.file_view, dtype=torch.uint8)
+        state[key] = flat.view(dtype).view(shape)
+    return state
+
+
+def tensor_entries(path: str | Path) -> dict[str, tuple[torch.dtype, list[int], Any]]:
+    """Every tensor entry of an archive (not the punet metadata): its dtype, shape and IREE index entry."""
+    path = Path(path)
+    out = {}
+    for key, e in _entries(_open_index(path)).items():
         if key.startswith(METADATA_KEY):
             continue
         md = e.metadata.decode() if isinstance(e.metadata, bytes) else str(e.metadata)
         if not md.startswith(TENSOR_METADATA_PREFIX):
             raise PunetError(f"{path}: entry {key!r} has no tensor metadata")
         info = json.loads(md[len(TENSOR_METADATA_PREFIX) :])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the mapping is read-only; tensors must not be written
-            flat = torch.frombuffer(e.file_view, dtype=torch.uint8)
-        state[key] = flat.view(DTYPES[info["dtype"]]).view(info["shape"])
-    return state
+        out[key] = (DTYPES[info["dtype"]], info["shape"], e)
+    return out
 
 
 def load_model(path: str | Path, dtype: str | None = None, device: str = "cpu"):

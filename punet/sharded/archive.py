@@ -91,7 +91,7 @@ def shard_archive(
     on_tensor: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Split `irpa` over `tp` ranks: `output` (replicated tensors, config, plan) and its rank files beside it."""
-    from ..weights import METADATA_KEY, read_metadata, read_tensors
+    from ..weights import METADATA_KEY, read_metadata, tensor_entries
 
     irpa, output = Path(irpa), Path(output)
     meta = read_metadata(irpa)
@@ -106,50 +106,50 @@ def shard_archive(
         check_output(p)
     config = UNetConfig.from_dict(meta["config"])
     plan = make_plan(config, tp)
-    state = read_tensors(irpa)
-    missing = sorted(set(plan.splits) - set(state))
+    entries = tensor_entries(irpa)
+    missing = sorted(set(plan.splits) - set(entries))
     if missing:
         raise PunetError(f"{irpa}: missing tensor {missing[0]!r} (required by its config)")
-    sharded = [k for k in sorted(state) if plan.is_sharded(k)]
-    replicated = [k for k in sorted(state) if not plan.is_sharded(k)]
-    total, done = len(replicated) + tp * len(sharded), 0
+    keys = sorted(entries)
+    n_sharded = sum(plan.is_sharded(k) for k in keys)
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    rank_info = []
-    # Every file under a temporary name until all are written; the rank files are renamed first.
+    # One pass over the input, one tensor in memory at a time (read, not mapped: the RSS stays small);
+    # every file under a temporary name until all are written, the rank files renamed first.
     with contextlib.ExitStack() as stack:
-        main_tmp = stack.enter_context(atomic_path(output))
-        tmps = [stack.enter_context(atomic_path(p)) for p in ranks]
-        for r, (path, tmp) in enumerate(zip(ranks, tmps)):
+        main = _ArchiveWriter(stack.enter_context(atomic_path(output)))
+        stack.callback(main.close)
+        writers = []
+        for path in ranks:
+            writers.append(_ArchiveWriter(stack.enter_context(atomic_path(path))))
+            stack.callback(writers[-1].close)
+        fd = os.open(irpa, os.O_RDONLY)
+        stack.callback(os.close, fd)
+        if progress:
+            progress(f"splitting {irpa.name}: {n_sharded} tensors over {tp} ranks, {len(keys) - n_sharded} replicated")
+        for i, key in enumerate(keys):
+            dtype, shape, entry = entries[key]
+            _, offset = entry.file_storage
+            t = torch.frombuffer(bytearray(os.pread(fd, entry.length, offset)), dtype=dtype).view(shape)
+            if plan.is_sharded(key):
+                for r, writer in enumerate(writers):
+                    writer.add(rank_key(key, r), split_tensor(t, plan.splits[key], tp, r))
+            else:
+                main.add(key, t)
+            if on_tensor:
+                on_tensor(i + 1, len(keys))
+        rank_info = []
+        for r, (path, writer) in enumerate(zip(ranks, writers)):
             if progress:
-                progress(f"writing {path.name}: rank {r} of {tp}, {len(sharded)} slices")
-            writer = _ArchiveWriter(tmp)
-            try:
-                for key in sharded:
-                    writer.add(rank_key(key, r), split_tensor(state[key], plan.splits[key], tp, r))
-                    done += 1
-                    if on_tensor:
-                        on_tensor(done, total)
-                rank_meta = {"format": RANK_FORMAT, "punet_version": __version__, "created": created, "rank": r,
-                             "tp": tp, "weights_sha256": meta["weights_sha256"],
-                             "slices_sha256": writer.digest.hexdigest()}
-                writer.write(rank_metadata_key(r), rank_meta)
-            finally:
-                writer.close()
+                progress(f"writing {path.name}")
+            rank_meta = {"format": RANK_FORMAT, "punet_version": __version__, "created": created, "rank": r,
+                         "tp": tp, "weights_sha256": meta["weights_sha256"], "slices_sha256": writer.digest.hexdigest()}
+            writer.write(rank_metadata_key(r), rank_meta)
             rank_info.append({"file": path.name, "slices_sha256": rank_meta["slices_sha256"]})
         if progress:
-            progress(f"writing {output.name}: {len(replicated)} replicated tensors, the config and the plan")
-        writer = _ArchiveWriter(main_tmp)
-        try:
-            for key in replicated:
-                writer.add(key, state[key])
-                done += 1
-                if on_tensor:
-                    on_tensor(done, total)
-            sharded_meta = {**meta, "created": created, "source": str(irpa),
-                            "sharding": {"tp": tp, "plan": plan.to_dict(), "ranks": rank_info}}
-            writer.write(METADATA_KEY, sharded_meta)
-        finally:
-            writer.close()
+            progress(f"writing {output.name}: the replicated tensors, the config and the plan")
+        sharded_meta = {**meta, "created": created, "source": str(irpa),
+                        "sharding": {"tp": tp, "plan": plan.to_dict(), "ranks": rank_info}}
+        main.write(METADATA_KEY, sharded_meta)
     return sharded_meta
 
 
