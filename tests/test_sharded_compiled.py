@@ -157,6 +157,10 @@ def test_dp2_cfg_step_on_two_devices_equals_the_single_device_cfg_step(micro, tm
     assert session.signature == sig
     x, ref = _eager(micro, Signature(1, 64, 64, cfg=True))
     assert rel_l2(session(x), ref) <= 1e-4
+    shard_archive(micro, 2, tmp_path / "unet.tp2.irpa")  # DP replicates the weights: an unsharded archive
+    with pytest.raises(PunetError, match=rf"^{tmp_path / 'unet.tp2.irpa'}: sharded for --tp 2; {vmfb.name} takes an "
+                                         "unsharded archive$"):
+        Session.load(vmfb, tmp_path / "unet.tp2.irpa")
     r = run_cli("export", str(micro), "--dp", "2", "--height", "64", "--width", "64")
     assert r.returncode == 1 and r.stderr.strip() == (
         "punet export: error: --dp 2 splits the CFG step's two halves over two devices: it needs --cfg")
