@@ -236,3 +236,33 @@ def test_a_missing_or_foreign_rank_file_is_one_line_naming_it(micro_irpa, tmp_pa
     rank_irpa_path(a, 0).unlink()
     r = run_cli("run", str(a), "--height", "64", "--width", "64", "-o", str(tmp_path / "o.safetensors"))
     assert r.returncode == 1 and r.stderr.strip().startswith(f"punet run: error: {rank_irpa_path(a, 0)}: rank file 0")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"dp": 2}, "--dp 2 splits the CFG step's two halves over two devices: it needs --cfg"),
+        ({"dp": 2, "cfg": True, "tp": 2}, "--tp 2 with --dp 2: one strategy at a time"),
+        ({"tp": 2, "scheduled": True}, "a sharded or data-parallel module is not yet exported as a serving or scheduled"),
+        ({"tp": 3}, "tp must be 1, 2, 4 or 8 ranks, got 3"),
+        ({"dp": 4, "cfg": True}, "dp must be 1 or 2 (the CFG step's two halves), got 4"),
+    ],
+)
+def test_the_signature_says_how_many_devices_and_refuses_what_is_not_built(kwargs, message):
+    with pytest.raises(PunetError) as e:
+        Signature(1, 64, 64, **kwargs)
+    assert str(e.value).startswith(message)
+    assert Signature(1, 64, 64, tp=4).devices == 4 and Signature(1, 64, 64, cfg=True, dp=2).devices == 2
+
+
+def test_export_takes_the_archives_rank_count(micro_irpa, tmp_path):
+    from punet.export import export_mlir
+
+    sharded = tmp_path / "unet.tp2.irpa"
+    shard_archive(micro_irpa, 2, sharded)
+    with pytest.raises(PunetError, match=f"^{sharded}: sharded for --tp 2, not 4$"):
+        export_mlir(sharded, sig=Signature(1, 64, 64, tp=4))
+    with pytest.raises(PunetError, match=f"^{sharded}: --dp 2 replicates the weights: export the unsharded archive$"):
+        export_mlir(sharded, sig=Signature(1, 64, 64, cfg=True, dp=2))
+    with pytest.raises(PunetError, match=rf"^{micro_irpa}: not a sharded archive; split it first: punet shard "):
+        export_mlir(micro_irpa, sig=Signature(1, 64, 64, tp=2))
