@@ -75,8 +75,8 @@ def test_plan_covers_every_weight_and_calls_one_all_reduce_per_split_layer():
 @pytest.mark.parametrize(
     "tp, message",
     [
-        (4, "--tp 4: layer down_blocks.1.attentions.0.transformer_blocks.0.attn1 (attention) has 2 heads, "
-            "not divisible by 4"),
+        (4, ("--tp 4: layer down_blocks.1.attentions.0.transformer_blocks.0.attn1 (attention) has 2 heads, "
+             "not divisible by 4")),
         (3, "--tp 3: expected one of 2, 4, 8"),
         (8, "--tp 8: layer down_blocks.1.attentions.0.transformer_blocks.0.attn1 (attention) has 2 heads"),
     ],

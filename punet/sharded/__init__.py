@@ -7,6 +7,6 @@ from .model import DataParallelCFG, DeviceComm, EagerComm, ShardedUNet, local_un
 from .plan import RULES, Plan, Split, make_plan, split_tensor
 
 __all__ = [
-    "DataParallelCFG", "DeviceComm", "EagerComm", "Plan", "RULES", "ShardedUNet", "Split", "local_unet", "make_plan",
+    "RULES", "DataParallelCFG", "DeviceComm", "EagerComm", "Plan", "ShardedUNet", "Split", "local_unet", "make_plan",
     "split_tensor",
 ]

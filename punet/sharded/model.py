@@ -155,8 +155,11 @@ def local_unet(config: UNetConfig, plan: Plan, rank: int) -> UNet2DConditionMode
     model's, with the rank's shapes.
     """
     model = UNet2DConditionModel(config)
-    swaps = {"attention": lambda m: _local_attention(m, plan.tp), "feed-forward": lambda m: _local_feed_forward(m, plan.tp),
-             "resnet": lambda m: ResnetBlock2DShard(m, plan.tp, rank)}
+    swaps = {
+        "attention": lambda m: _local_attention(m, plan.tp),
+        "feed-forward": lambda m: _local_feed_forward(m, plan.tp),
+        "resnet": lambda m: ResnetBlock2DShard(m, plan.tp, rank),
+    }
     for path, kind in plan.layers.items():
         parent, _, name = path.rpartition(".")
         owner = model.get_submodule(parent)
@@ -184,7 +187,7 @@ class ShardedUNet(nn.Module):
         self.config, self.plan, self.comm = config, plan, comm
         self.ranks = nn.ModuleList(local_unet(config, plan, r) for r in range(plan.tp))
 
-    def set_decomposed_attention(self, enabled: bool = True) -> "ShardedUNet":
+    def set_decomposed_attention(self, enabled: bool = True) -> ShardedUNet:
         for m in self.ranks:
             m.set_decomposed_attention(enabled)
         return self
@@ -256,7 +259,7 @@ class ShardedUNet(nn.Module):
                                            xs, contexts)
             if blocks[0].upsamplers is not None:
                 size = tuple(skips[-1][0].shape[-2:])
-                xs = _each(lambda bl, x: bl.upsamplers[0](x, size), blocks, xs)
+                xs = _each(lambda bl, x, size=size: bl.upsamplers[0](x, size), blocks, xs)
 
         # 6. out (replicated; rank 0's result is the output)
         xs = _each(lambda m, x: m.conv_out(F.silu(m.conv_norm_out(x))), ranks, xs)

@@ -150,7 +150,7 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
         return cls(
             d["tp"], {k: Split(**s) for k, s in d["splits"].items()}, dict(d["layers"]), tuple(d["all_reduces"])
         )
