@@ -19,7 +19,7 @@ from punet.config import UNetConfig
 from punet.errors import PunetError
 from punet.model import GuidedUNet, UNet2DConditionModel
 from punet.model.layers import GEGLU, BasicTransformerBlock, ResnetBlock2D
-from punet.sharded import DataParallelCFG, EagerComm, ShardedUNet, make_plan, split_tensor
+from punet.sharded import DataParallelUNet, EagerComm, ShardedUNet, make_plan, split_tensor
 from punet.sharded.archive import shard_archive
 from punet.signature import Signature, make_inputs
 
@@ -128,7 +128,7 @@ def test_sharded_cfg_and_data_parallel_cfg_equal_the_float_cfg_step():
     with torch.inference_mode():
         ref = GuidedUNet(model)(**x)
         tp = GuidedUNet(_sharded(config, model, 2))(**x)
-        dp = DataParallelCFG([model, model], EagerComm(2))(**x)
+        dp = GuidedUNet(DataParallelUNet([model, model], EagerComm(2)))(**x)
     assert rel_l2(tp, ref) <= 1e-5
     assert rel_l2(dp, ref) <= 1e-5
 

@@ -3,10 +3,10 @@
 Imports with torch alone; IREE is imported inside the functions that use it.
 """
 
-from .model import DataParallelCFG, DeviceComm, EagerComm, ShardedUNet, local_unet
+from .model import DataParallelUNet, DeviceComm, EagerComm, ShardedUNet, local_unet
 from .plan import RULES, Plan, Split, make_plan, split_tensor
 
 __all__ = [
-    "RULES", "DataParallelCFG", "DeviceComm", "EagerComm", "Plan", "ShardedUNet", "Split", "local_unet", "make_plan",
+    "RULES", "DataParallelUNet", "DeviceComm", "EagerComm", "Plan", "ShardedUNet", "Split", "local_unet", "make_plan",
     "split_tensor",
 ]

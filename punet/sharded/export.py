@@ -2,8 +2,8 @@
 
 Tensor parallel (`Signature.tp`): `ShardedUNet` with `DeviceComm`; rank r's model lives on IREE
 logical device r, its split weights read from `<key>.rank<r>` and its replicated ones from `<key>`
-(one global per device, the same archive entry). Data parallel (`Signature.dp`, the CFG step): the
-float UNet twice, on devices 0 and 1, both reading `<key>`. The inputs arrive on device 0 and the
+(one global per device, the same archive entry). Data parallel (`Signature.dp`, the CFG step): punet's
+`GuidedUNet` around the float UNet twice, on devices 0 and 1 (each its half of the rows), both reading `<key>`. The inputs arrive on device 0 and the
 output leaves from it.
 """
 
@@ -15,7 +15,7 @@ from torch import nn
 from ..config import UNetConfig
 from ..signature import SCOPE, Signature, dtype_from_name
 from .archive import rank_key
-from .model import DataParallelCFG, DeviceComm, ShardedUNet
+from .model import DataParallelUNet, DeviceComm, ShardedUNet
 from .plan import make_plan
 
 
@@ -50,7 +50,7 @@ def multi_device_model(config: UNetConfig, sig: Signature, decompose_attention: 
         unet.set_decomposed_attention(decompose_attention)
         _place(unet, r)
         unets.append(unet)
-    return DataParallelCFG(unets, comm)
+    return GuidedUNet(DataParallelUNet(unets, comm))
 
 
 def install_mlir_isinstance_shim() -> None:

@@ -307,11 +307,12 @@ class ShardedUNet(nn.Module):
         return _each(leave, models, hs, xs)
 
 
-class DataParallelCFG(nn.Module):
-    """The CFG step (punet's `GuidedUNet`) with its two halves on two devices, weights replicated.
+class DataParallelUNet(nn.Module):
+    """The UNet with its batch rows split evenly over devices, the weights replicated on each.
 
-    Rank 0 runs the negative-prompt rows, rank 1 the positive ones; rank 1's noise comes back to
-    rank 0 for `uncond + guidance_scale * (text - uncond)`.
+    Wrapped in punet's `GuidedUNet`, it is the CFG step with its negative-prompt rows on device 0 and
+    its positive-prompt rows on device 1 (`punet export --cfg --dp 2`); the guidance itself runs on
+    device 0, where every device's noise comes back.
     """
 
     def __init__(self, unets: list[nn.Module], comm: EagerComm):
@@ -325,26 +326,19 @@ class DataParallelCFG(nn.Module):
         sample: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        guidance_scale: torch.Tensor,
         text_embeds: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        comm, b = self.comm, sample.shape[0]
-        timestep = timestep.reshape(-1).expand(b)
+        comm, rows = self.comm, sample.shape[0] // len(self.unets)
         noise = []
         for rank, unet in enumerate(self.unets):
-            rows = slice(rank * b, (rank + 1) * b)  # rank 0: negative rows, rank 1: positive rows
+            part = slice(rank * rows, (rank + 1) * rows)
 
-            def here(t, rank=rank):
-                return t if rank == 0 or t is None else comm.to(rank, t)
+            def mine(t, rank=rank, part=part):
+                """This device's rows of input `t` (moved there)."""
+                return None if t is None else t[part] if rank == 0 else comm.to(rank, t[part])
 
-            noise.append(unet(
-                sample=here(sample),
-                timestep=here(timestep),
-                encoder_hidden_states=here(encoder_hidden_states[rows]),
-                text_embeds=here(text_embeds[rows]) if text_embeds is not None else None,
-                time_ids=here(time_ids[rows]) if time_ids is not None else None,
-            ))
-        uncond, text = noise[0], comm.to(0, noise[1])
-        scale = guidance_scale.reshape(()).to(uncond.dtype)
-        return comm.gather([uncond + scale * (text - uncond)])
+            out = unet(sample=mine(sample), timestep=mine(timestep), encoder_hidden_states=mine(encoder_hidden_states),
+                       text_embeds=mine(text_embeds), time_ids=mine(time_ids))
+            noise.append(out if rank == 0 else comm.to(0, out))
+        return comm.gather([torch.cat(noise, dim=0)])
