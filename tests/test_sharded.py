@@ -266,3 +266,22 @@ def test_export_takes_the_archives_rank_count(micro_irpa, tmp_path):
         export_mlir(sharded, sig=Signature(1, 64, 64, cfg=True, dp=2))
     with pytest.raises(PunetError, match=rf"^{micro_irpa}: not a sharded archive; split it first: punet shard "):
         export_mlir(micro_irpa, sig=Signature(1, 64, 64, tp=2))
+
+
+def test_an_archive_with_tensors_the_plan_does_not_know_is_refused(micro_irpa, tmp_path):
+    """A quantized archive (scales beside weights) has no split rules yet: one line, no files written."""
+    from punet.sharded.archive import _ArchiveWriter
+    from punet.weights import METADATA_KEY, read_metadata, read_tensors
+
+    odd = tmp_path / "odd.irpa"
+    writer = _ArchiveWriter(odd)
+    try:
+        for key, t in read_tensors(micro_irpa).items():
+            writer.add(key, t)
+        writer.add("conv_in.weight_scale", torch.ones(1))
+        writer.write(METADATA_KEY, read_metadata(micro_irpa))
+    finally:
+        writer.close()
+    with pytest.raises(PunetError, match=f"^{odd}: tensor 'conv_in.weight_scale' is not in the float model's plan"):
+        shard_archive(odd, 2, tmp_path / "out" / "odd.tp2.irpa")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -110,6 +110,9 @@ def shard_archive(
     missing = sorted(set(plan.splits) - set(entries))
     if missing:
         raise PunetError(f"{irpa}: missing tensor {missing[0]!r} (required by its config)")
+    unknown = sorted(set(entries) - set(plan.splits))
+    if unknown:  # e.g. a quantized archive's scales: the plan has no rule for them yet
+        raise PunetError(f"{irpa}: tensor {unknown[0]!r} is not in the float model's plan; only float archives shard")
     keys = sorted(entries)
     n_sharded = sum(plan.is_sharded(k) for k in keys)
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -123,7 +123,7 @@ REPLICATED: tuple[tuple[str, str], ...] = (
     ("downsamplers", "<1% of SDXL's weights; split, each would add an all-reduce of a full feature map"),
     ("upsamplers", "<1% of SDXL's weights; split, each would add an all-reduce of a full feature map"),
     ("norm", "GroupNorm / LayerNorm of the replicated residual stream (no weights to speak of)"),
-    ("proj_in", "the transformer's residual stream is replicated; split, it would add an all-gather (2% of SDXL)"),
+    ("proj_in", "the transformer's residual stream is replicated; split, it would add an all-gather (0.9% of SDXL)"),
     ("proj_out", "as proj_in; split, it would add an all-reduce per transformer"),
 )
 
