@@ -1,6 +1,6 @@
-"""Writes multi-device-data-tiling.mlir (N=2) or its one-device twin (N=1): python multi-device-data-tiling.py N.
+"""Writes multi-device-data-tiling-N.mlir for N devices (the module of multi-device-data-tiling.md is N=2): python multi-device-data-tiling.py N.
 
-A timestep embedding feeding a Linear on each of N devices, summed on device 0 (see the .mlir's header).
+A timestep embedding feeding a Linear on each of N devices, summed on device 0 (see multi-device-data-tiling.md).
 """
 
 import sys
