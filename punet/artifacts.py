@@ -22,6 +22,10 @@ def stem(sig: Signature, decomposed: bool = False) -> str:
     if sig.tokens != 77:
         s += f"_t{sig.tokens}"
     s += "_scheduled" if sig.scheduled else "_serving" if sig.serving else "_cfg" if sig.cfg else ""
+    if sig.tp > 1:
+        s += f"_tp{sig.tp}"
+    if sig.dp > 1:
+        s += f"_dp{sig.dp}"
     if decomposed:
         s += "_decomposed"
     return s
@@ -71,3 +75,14 @@ def up_to_date(artifact: Path, sidecar: Path, key: str) -> bool:
         return json.loads(sidecar.read_text()).get("build_key") == key
     except (OSError, ValueError):
         return False
+
+
+def sharded_irpa_name(irpa: str | Path, tp: int) -> str:
+    """`punet shard`'s default output: unet.irpa -> unet.tp2.irpa (its rank files: `rank_irpa_path`)."""
+    return f"{Path(irpa).stem}.tp{tp}.irpa"
+
+
+def rank_irpa_path(sharded: str | Path, rank: int) -> Path:
+    """Rank `rank`'s slices beside a sharded archive: unet.tp2.irpa -> unet.tp2.rank0.irpa."""
+    sharded = Path(sharded)
+    return sharded.with_name(f"{sharded.stem}.rank{rank}{sharded.suffix}")

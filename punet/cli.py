@@ -154,6 +154,7 @@ def _signature_from_args(args, dtype: str, quant: str = "", fp8: str = ""):
         module_name=getattr(args, "module_name", None) or "",
         quant=quant,
         fp8=fp8,
+        dp=getattr(args, "dp", None) or 1,
         **shape,
     )
 
@@ -334,6 +335,49 @@ def cmd_export(args) -> int:
     else:
         print(f"wrote {res.mlir} ({res.mlir.stat().st_size / 2**20:.1f} MiB) and {res.signature.name} in {res.seconds:.1f} s")
     return 0
+
+
+def cmd_shard(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .artifacts import rank_irpa_path, sharded_irpa_name
+    from .sharded.archive import shard_archive
+
+    output = Path(args.output) if args.output else Path(args.irpa).parent / sharded_irpa_name(args.irpa, args.tp)
+    if output.suffix != ".irpa":
+        raise UsageError(f"-o {output}: expected a .irpa file name (an IREE parameter archive)")
+    t0 = time.perf_counter()
+    with Progress(
+        TextColumn("sharding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_console(), transient=True
+    ) as bar:
+        task = bar.add_task("shard", total=None)
+        meta = shard_archive(args.irpa, args.tp, output, progress=_say,
+                             on_tensor=lambda i, n: bar.update(task, completed=i, total=n))
+    print_plan(meta)
+    sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB"
+                      for p in [output] + [rank_irpa_path(output, r) for r in range(args.tp)])
+    print(f"wrote {sizes} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def print_plan(meta) -> None:
+    """The plan of a sharded archive's metadata: per layer kind, split, communication, bytes per rank."""
+    from rich.table import Table
+
+    from .config import UNetConfig
+    from .sharded.archive import plan_of
+    from .weights import expected_shapes
+
+    plan = plan_of(meta)
+    shapes = expected_shapes(UNetConfig.from_dict(meta["config"]))
+    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[meta["dtype"]]
+    table = Table(title=f"tensor-parallel plan, {plan.tp} ranks ({meta['dtype']})")
+    for col in ("layer kind", "split", "communication", "all-reduces", "MiB", "MiB per rank"):
+        table.add_column(col, overflow="fold")
+    for row in plan.rows(shapes, itemsize):
+        table.add_row(row["kind"], row["split"], row["communication"], str(row["all_reduces"]),
+                      f"{row['bytes'] / 2**20:.1f}", f"{row['bytes_per_rank'] / 2**20:.1f}")
+    _stdout_console().print(table)
 
 
 def cmd_generate(args) -> int:
@@ -699,8 +743,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "compiled_spunet with --scheduled)")
     p.add_argument("--scheduler-config", help="a diffusers scheduler_config.json for --scheduled "
                    "(EulerDiscreteScheduler; default SDXL base's)")
+    p.add_argument("--dp", type=int, choices=(1, 2), default=None,
+                   help="2: the CFG step's negative and positive rows on two devices, weights replicated (needs --cfg)")
     _add_shape_args(p)
     p.set_defaults(func=cmd_export)
+
+    p = verb(
+        "shard",
+        "split an .irpa over N tensor-parallel ranks: replicated tensors + plan, and one rank file per rank",
+        "punet shard unet.irpa --tp 2 -o unet.tp2.irpa   # also writes unet.tp2.rank0.irpa, unet.tp2.rank1.irpa",
+    )
+    p.add_argument("irpa", help="parameter archive from `punet import`")
+    p.add_argument("--tp", type=int, choices=(2, 4, 8), required=True, help="tensor-parallel ranks (devices)")
+    p.add_argument("-o", "--output", help="output .irpa (default: <name>.tp<N>.irpa beside the input); "
+                   "the rank files go beside it as <output stem>.rank<r>.irpa")
+    p.set_defaults(func=cmd_shard)
 
     p = verb(
         "generate",

@@ -129,6 +129,10 @@ class Signature:
     # Quantization scheme of the weights ("" = float; see punet.quant.scheme). Inputs and outputs keep `dtype`.
     quant: str = ""
     fp8: str = ""  # the fp8 element type of a scheme with fp8 attention: float8_e4m3fn or float8_e4m3fnuz
+    # Devices (punet/sharded): tp ranks split every layer of a `punet shard --tp N` archive; dp 2 runs the
+    # CFG step's negative and positive rows on two devices with the weights replicated.
+    tp: int = 1
+    dp: int = 1
 
     def __post_init__(self):
         if self.scheduled:
@@ -153,11 +157,26 @@ class Signature:
 
             if get_scheme(self.quant).fp8_attention != bool(self.fp8) or (self.fp8 and self.fp8 not in FP8_DTYPES):
                 raise PunetError(f"quantization {self.quant!r} with fp8 type {self.fp8 or 'none'!r}: not a valid pair")
+        if self.tp not in (1, 2, 4, 8):
+            raise PunetError(f"tp must be 1, 2, 4 or 8 ranks, got {self.tp}")
+        if self.dp not in (1, 2):
+            raise PunetError(f"dp must be 1 or 2 (the CFG step's two halves), got {self.dp}")
+        if self.dp > 1 and (not self.cfg or self.serving):
+            raise PunetError("--dp 2 splits the CFG step's two halves over two devices: it needs --cfg")
+        if self.devices > 1 and self.serving:
+            raise PunetError("a sharded or data-parallel module is not yet exported as a serving or scheduled one")
+        if self.tp > 1 and self.dp > 1:
+            raise PunetError(f"--tp {self.tp} with --dp {self.dp}: one strategy at a time")
         if self.serving and not self.scheduled and self.dtype == "bfloat16":
             raise PunetError(
                 "the serving entry takes its timestep in the model dtype, and bfloat16 rounds timesteps "
                 "(999 becomes 1000): export it in float16 or float32, or export --scheduled (timesteps stay float32)"
             )
+
+    @property
+    def devices(self) -> int:
+        """How many devices the module runs on (IREE logical devices __device_0 ... __device_{n-1})."""
+        return self.tp * self.dp
 
     @property
     def entry(self) -> str:

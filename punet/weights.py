@@ -414,26 +414,43 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 def load_irpa(path: str | Path) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
     """(config, state_dict) of an .irpa; tensors are views of the memory-mapped file."""
     path = Path(path)
-    index = _open_index(path)
-    entries = _entries(index)
     meta = read_metadata(path)
     try:
         config = UNetConfig.from_dict(meta["config"])
     except ConfigError as e:
         raise PunetError(f"{path}: embedded config: {e}") from None
+    state = read_tensors(path)
+    if "sharding" in meta:  # a `punet shard` archive: its rank files' slices, put back together
+        from .sharded.archive import unsharded_state
+
+        state = unsharded_state(path, meta, state)
+    return config, state
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an archive (not the punet metadata entries): views of the memory-mapped file."""
     state: dict[str, torch.Tensor] = {}
-    for key, e in entries.items():
-        if key == METADATA_KEY:
+    for key, (dtype, shape, e) in tensor_entries(path).items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the mapping is read-only; tensors must not be written
+            flat = torch.frombuffer(e.file_view, dtype=torch.uint8)
+        state[key] = flat.view(dtype).view(shape)
+    return state
+
+
+def tensor_entries(path: str | Path) -> dict[str, tuple[torch.dtype, list[int], Any]]:
+    """Every tensor entry of an archive (not the punet metadata): its dtype, shape and IREE index entry."""
+    path = Path(path)
+    out = {}
+    for key, e in _entries(_open_index(path)).items():
+        if key.startswith(METADATA_KEY):
             continue
         md = e.metadata.decode() if isinstance(e.metadata, bytes) else str(e.metadata)
         if not md.startswith(TENSOR_METADATA_PREFIX):
             raise PunetError(f"{path}: entry {key!r} has no tensor metadata")
         info = json.loads(md[len(TENSOR_METADATA_PREFIX) :])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the mapping is read-only; tensors must not be written
-            flat = torch.frombuffer(e.file_view, dtype=torch.uint8)
-        state[key] = flat.view(ARCHIVE_DTYPES[info["dtype"]]).view(info["shape"])
-    return config, state
+        out[key] = (ARCHIVE_DTYPES[info["dtype"]], info["shape"], e)
+    return out
 
 
 def build_model(config: UNetConfig, quantization: dict[str, Any] | None = None) -> torch.nn.Module:
@@ -452,8 +469,13 @@ def load_model(path: str | Path, dtype: str | None = None, device: str = "cpu"):
     """Build punet's model from an .irpa (weights copied to `device` in `dtype`).
 
     A quantized archive gives the quantized model: its int8 tensors stay
-    int8 and its scales float32 (float64 when `dtype` is float64).
+    int8 and its scales float32 (float64 when `dtype` is float64). A `punet
+    shard` archive gives its ranks simulated side by side.
     """
+    if "sharding" in read_metadata(path):
+        from .sharded.archive import load_sharded_model
+
+        return load_sharded_model(path, dtype, device)
     config, state = load_irpa(path)
     quantization = read_metadata(path).get("quantization")
     with torch.device("meta"):

@@ -75,7 +75,11 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 # A mutant of punet/model runs only test_model_units.py (every layer and the whole UNet against
 # diffusers in float64, under a second in all): the other model tests build bigger models and
 # export them, minutes per surviving mutant.
-MUTATION_TESTS = {"punet.model.": "tests/test_model_units.py", "punet.scheduled.": "tests/test_scheduled.py"}
+MUTATION_TESTS = {
+    "punet.model.": "tests/test_model_units.py",
+    "punet.scheduled.": "tests/test_scheduled.py",
+    "punet.sharded.": "tests/test_sharded.py",
+}
 
 
 @functools.lru_cache

@@ -1,9 +1,13 @@
 """Quantized punet in eager mode: the plan, the exact math, calibration, the Brevitas format.
 
 The reference for the math is independent of punet's quantized layers:
-diffusers' UNet2DConditionModel in float64 with fake-quantized inputs
-(clamp(round(x * mul / s)) * s) and dequantized weights ((q - zp) * s_w) in
-its own Linear and Conv2d modules.
+diffusers' UNet2DConditionModel in float64 whose own Linear and Conv2d
+modules compute the issue's formula with torch's float64 linear/conv2d on
+the integer codes, `(codes(x) @ (q - zp)^T) * (input_scale * weight_scale) + bias`
+(sums of int8 products are exact in float64), and an fp8 attention processor.
+Writing the scales in the same order as the formula keeps the two
+implementations bit-close, so no input lands on a rounding boundary in one
+and not the other (a flip would cascade).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from punet.errors import PunetError
@@ -58,27 +63,38 @@ def _diffusers_fake_quant(irpa):
         if (layer in layers and field != "bias") or field in ("q_scale", "k_scale", "v_scale", "softmax_scale"):
             continue
         float_state[key] = t.double()
+    codes_w = {}  # integer codes minus zero point: their float64 sums are exact
     for name in layers:
         q = state[f"{name}.weight"].double()
         shape = (-1,) + (1,) * (q.dim() - 1)
         if f"{name}.weight_zp" in state:
             q = q - state[f"{name}.weight_zp"].double().view(shape)
+        codes_w[name] = q
         float_state[f"{name}.weight"] = q * state[f"{name}.weight_scale"].double().view(shape)
     model.load_state_dict(float_state, strict=True)
 
-    def fake_quant(name):
+    def int_forward(name, module):
+        """The layer's arithmetic as the issue states it, through torch's float64 linear/conv2d."""
         mul = state[f"{name}.smoothquant_mul"].double()
-        s = state[f"{name}.input_scale"].double()
+        s_in = state[f"{name}.input_scale"].double()
+        scale = s_in * state[f"{name}.weight_scale"].double()
+        conv = isinstance(module, torch.nn.Conv2d)
+        view = (1, -1, 1, 1) if conv else (-1,)
 
-        def hook(module, args):
-            x = args[0]
-            view = (1, -1, 1, 1) if isinstance(module, torch.nn.Conv2d) else (-1,)
-            return (torch.clamp(torch.round(x * mul.view(view) / s), -128, 127) * s,)
+        def forward(x):
+            codes = torch.clamp(torch.round(x * mul.view(view) / s_in), -128, 127)
+            if conv:
+                acc = F.conv2d(codes, codes_w[name], None, module.stride, module.padding)
+            else:
+                acc = F.linear(codes, codes_w[name])
+            y = acc * scale.view(view)
+            return y if module.bias is None else y + module.bias.view(view)
 
-        return hook
+        return forward
 
     for name in layers:
-        model.get_submodule(name).register_forward_pre_hook(fake_quant(name))
+        module = model.get_submodule(name)
+        module.forward = int_forward(name, module)
     fp8 = meta["quantization"].get("fp8_dtype")
     if fp8:
         for name, m in model.named_modules():
@@ -94,18 +110,18 @@ class _Fp8FakeQuantProcessor:
         self.s = {p: state[f"{name}.{p}_scale"].double() for p in ("q", "k", "v", "softmax")}
         self.fp8, self.fmax = fp8, float(torch.finfo(fp8).max)
 
-    def fq(self, x, s):
-        return torch.clamp(x / s, -self.fmax, self.fmax).to(self.fp8).double() * s
+    def codes(self, x, s):
+        return torch.clamp(x / s, -self.fmax, self.fmax).to(self.fp8).double()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         b = hidden_states.shape[0]
         split = lambda t: t.view(b, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)  # noqa: E731
-        q = self.fq(split(attn.to_q(hidden_states)), self.s["q"])
-        k = self.fq(split(attn.to_k(context)), self.s["k"])
-        v = self.fq(split(attn.to_v(context)), self.s["v"])
-        probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
-        out = self.fq(probs, self.s["softmax"]) @ v
+        q = self.codes(split(attn.to_q(hidden_states)), self.s["q"])
+        k = self.codes(split(attn.to_k(context)), self.s["k"])
+        v = self.codes(split(attn.to_v(context)), self.s["v"])
+        probs = torch.softmax(q @ k.transpose(-1, -2) * (self.s["q"] * self.s["k"] * q.shape[-1] ** -0.5), dim=-1)
+        out = (self.codes(probs, self.s["softmax"]) @ v) * (self.s["softmax"] * self.s["v"])
         out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1])
         return attn.to_out[1](attn.to_out[0](out))
 

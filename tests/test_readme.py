@@ -30,7 +30,9 @@ def readme_commands() -> list[str]:
 def test_readme_block_is_what_this_test_runs():
     """The block has every verb (so this test covers the README, not a subset of it)."""
     verbs = {shlex.split(c)[1] for c in readme_commands()}
-    assert verbs == {"import", "run", "reference", "compare", "export", "compile", "bench", "generate", "quantize", "demo"}
+    assert verbs == {
+        "import", "run", "reference", "compare", "export", "compile", "bench", "generate", "quantize", "shard", "demo"
+    }
 
 
 def test_readme_examples_run_in_order(checkpoints, tmp_path):

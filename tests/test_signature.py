@@ -87,7 +87,8 @@ def test_sdxl_inputs_and_output():
     out = sig.output(SDXL)
     assert (out.name, out.shape, out.dtype) == ("sample", (2, 4, 128, 96), "float16")
     assert sig.to_dict() == {"batch": 2, "height": 1024, "width": 768, "dtype": "float16", "tokens": 77, "cfg": False,
-                             "serving": False, "scheduled": False, "module_name": "module"}
+                             "serving": False, "scheduled": False, "module_name": "module", "quant": "", "fp8": "",
+                             "tp": 1, "dp": 1}
     assert Signature(**sig.to_dict()) == sig  # the dict in .signature.json and build records rebuilds it
 
 

@@ -536,3 +536,32 @@ def get_target(name: str) -> Target:
 def compile_flags(target: Target, *, tuned: bool) -> list[str]:
     """The iree-compile flags for `target`: plain, or plain + tuned."""
     return list(target.flags) + (list(target.tuned_flags) if tuned else [])
+
+
+# Flags of a target's set that a multi-device module cannot take in IREE 3.13, and why.
+MULTI_DEVICE_DROPPED = {
+    "--iree-opt-data-tiling": (
+        "data tiling materialises its encodings for one device only: with several, iree-compile fails "
+        "('stream.tensor.sizeof' op illegal for this phase of lowering; iree-org/iree#19967)"
+    ),
+}
+
+
+def multi_device_flags(flags: list[str], devices: int) -> list[str]:
+    """`flags` for a module on `devices` devices of one target: its device flag once per device, numbered.
+
+    `--iree-hal-target-device=local` becomes `=local[0]` ... `=local[N-1]` (hip[i], cuda[i], ...): the
+    module's logical devices __device_0 ... __device_{N-1}, in order, each with the target's backend flags.
+    """
+    if devices == 1:
+        return list(flags)
+    prefix = "--iree-hal-target-device="
+    out: list[str] = []
+    for flag in flags:
+        if flag in MULTI_DEVICE_DROPPED:
+            continue
+        if flag.startswith(prefix):
+            out += [f"{flag}[{i}]" for i in range(devices)]
+        else:
+            out.append(flag)
+    return out

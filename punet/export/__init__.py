@@ -77,6 +77,10 @@ def build_export_model(
     """The module to export: the UNet, its CFG step, the serving CFG step or the scheduled UNet."""
     from ..model import GuidedUNet
 
+    if sig.devices > 1:  # tensor- or data-parallel over several devices (punet/sharded)
+        from ..sharded.export import multi_device_model
+
+        return _Entry(multi_device_model(config, sig, decompose_attention), [s.name for s in sig.inputs(config)])
     unet = _meta_unet(config, sig, decompose_attention, quantization)
     if sig.scheduled:
         from ..scheduled import ScheduledUNet, SchedulerConfig
@@ -115,8 +119,11 @@ def export_module(
         warnings.filterwarnings("ignore", message="When strict_export == False")
         if not sig.scheduled:
             (entry,) = sig.entries(config)
+            # Several devices: every input arrives on device 0 (the module moves what each device needs).
+            arg_device = {i: aot.DeviceAffinity(0) for i in range(len(entry.inputs))} if sig.devices > 1 else None
             return aot.export(
-                model, args=meta_args(entry), function_name=entry.name, module_name=sig.module_name, strict_export=False
+                model, args=meta_args(entry), function_name=entry.name, module_name=sig.module_name, strict_export=False,
+                arg_device=arg_device,
             )
         init, fwd = sig.entries(config)
         fxb = aot.FxProgramsBuilder(model)
@@ -168,7 +175,13 @@ def export_mlir(
             f"{irpa}: weights are {scheme or 'float (not quantized)'}{' ' + fp8 if fp8 else ''}, "
             f"export asked for {sig.quant or 'float'}{' ' + sig.fp8 if sig.fp8 else ''}"
         )
+    if quantization and sig.devices > 1:
+        raise PunetError(f"{irpa}: a quantized archive exports on one device (tensor and data parallel take float archives)")
     config = UNetConfig.from_dict(meta["config"])
+    if "sharding" in meta or sig.tp > 1:  # a `punet shard` archive exports over its rank count
+        from ..sharded.archive import check_export_signature
+
+        sig = check_export_signature(irpa, meta, config, sig)
     check_fits(config, sig)
     sched = None
     if sig.scheduled:

@@ -12,26 +12,33 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def stats_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 activations; float64 stays float64 (the quantized model's exact reference)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm with fp32 statistics whatever the activation dtype.
 
     fp16 GroupNorm compiled for llvm-cpu is badly inaccurate (relative L2 > 1
-    on a single SDXL GroupNorm), so the reduction always runs in fp32.
+    on a single SDXL GroupNorm), so the reduction always runs in fp32 (or wider).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+        dt = stats_dtype(x)
+        w = self.weight.to(dt) if self.weight is not None else None
+        b = self.bias.to(dt) if self.bias is not None else None
+        return F.group_norm(x.to(dt), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm with fp32 statistics whatever the activation dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+        dt = stats_dtype(x)
+        w = self.weight.to(dt) if self.weight is not None else None
+        b = self.bias.to(dt) if self.bias is not None else None
+        return F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> torch.Tensor:
@@ -94,7 +101,7 @@ class Attention(nn.Module):
         v = self.to_v(context).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, M, head_dim)
         if self.decomposed:
             scores = torch.matmul(q, k.transpose(-1, -2)) * (self.head_dim**-0.5)  # (B, heads, N, M)
-            probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+            probs = torch.softmax(scores.to(stats_dtype(scores)), dim=-1).to(v.dtype)
             out = torch.matmul(probs, v)  # (B, heads, N, head_dim)
         else:
             out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)

@@ -127,15 +127,24 @@ class Session:
             raise PunetError(
                 f"{vmfb.name} was compiled for target {info['target']} (device {expected_driver}), not {device}"
             )
-        try:
-            rt_config = rt.Config(device)
-        except (ValueError, RuntimeError) as e:
-            raise PunetError(f"device {device!r} is not available here: {str(e).splitlines()[0]}") from None
+        devices = Signature(**info["signature"]).devices
+        files = [irpa]
+        if devices > 1 or "sharding" in meta:  # several devices, several archive files (punet/sharded)
+            from ..sharded.runtime import multi_device_config, parameter_files
+
+            files = parameter_files(irpa, meta, info, vmfb)
+            rt_config = multi_device_config(device, devices)
+        else:
+            try:
+                rt_config = rt.Config(device)
+            except (ValueError, RuntimeError) as e:
+                raise PunetError(f"device {device!r} is not available here: {str(e).splitlines()[0]}") from None
         session = cls(vmfb, irpa, device, UNetConfig.from_dict(info["config"]), Signature(**info["signature"]), info)
         session._rt = rt
         session._rt_config = rt_config
         index = rt.ParameterIndex()
-        index.load(str(irpa), mmap=True)
+        for path in files:
+            index.load(str(path), mmap=True)
         provider = index.create_provider(scope=SCOPE)
         params = rt.create_io_parameters_module(rt_config.vm_instance, provider)
         module = rt.VmModule.mmap(rt_config.vm_instance, str(vmfb))
@@ -144,6 +153,7 @@ class Session:
         session._fns = {name: getattr(session._modules[-1], name) for name in session.entries}
         session._fn = None if session.signature.scheduled else session._fns[info["entry"]]
         session._index = index
+        session.parameter_files = files  # the archive, and its rank files for a tensor-parallel module
         return session
 
     def upload(self, spec: TensorSpec, t: torch.Tensor) -> Any:

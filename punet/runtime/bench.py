@@ -87,8 +87,8 @@ def benchmark_command(session: Session, threads: int | None) -> str:
     parts = [
         "iree-benchmark-module",
         f"--module={session.vmfb}",
-        f"--parameters=model={session.irpa}",
-        f"--device={session.device}",
+        *(f"--parameters=model={p}" for p in getattr(session, "parameter_files", [session.irpa])),
+        *[f"--device={session.device}"] * session.signature.devices,
         f"--function={session.info['entry']}",
     ]
     entry = session.signature.entries(session.config)[-1]
