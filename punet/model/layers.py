@@ -179,23 +179,31 @@ class Transformer2DModel(nn.Module):
         else:
             self.proj_out = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> the blocks' tokens (B, HW, C): norm, proj_in."""
         b, c, h, w = x.shape
-        residual = x
         x = self.norm(x)
         if not self.linear_projection:
             x = self.proj_in(x)
         x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)
-        if self.linear_projection:
-            x = self.proj_in(x)
-        for block in self.transformer_blocks:
-            x = block(x, context)
+        return self.proj_in(x) if self.linear_projection else x
+
+    def leave(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, HW, C) -> proj_out, back to the residual's (B, C, H, W), plus the residual."""
+        b, c, h, w = residual.shape
         if self.linear_projection:
             x = self.proj_out(x)
         x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
         if not self.linear_projection:
             x = self.proj_out(x.contiguous())
         return x + residual
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        residual = x
+        x = self.enter(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        return self.leave(x, residual)
 
 
 class ResnetBlock2D(nn.Module):

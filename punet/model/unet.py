@@ -188,6 +188,21 @@ class UNet2DConditionModel(nn.Module):
                 m.decomposed = enabled
         return self
 
+    def embed(
+        self, timestep: torch.Tensor, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The time embedding (sinusoids in fp32, then cast like diffusers), plus SDXL's text-time one."""
+        cfg = self.config
+        t_emb = timestep_embedding(timestep, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        emb = self.time_embedding(t_emb.to(dtype))
+        if cfg.has_text_time:
+            time_embeds = timestep_embedding(
+                time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
+            ).reshape(timestep.shape[0], -1)  # (B, num_time_ids * addition_time_embed_dim)
+            add_embeds = torch.cat([text_embeds.to(time_embeds.dtype), time_embeds], dim=-1).to(emb.dtype)
+            emb = emb + self.add_embedding(add_embeds)
+        return emb
+
     def forward(
         self,
         *,
@@ -198,18 +213,10 @@ class UNet2DConditionModel(nn.Module):
         time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cfg = self.config
-        b = sample.shape[0]
         timestep = self._check_inputs(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
 
-        # 1. time embedding (computed in fp32, then cast like diffusers)
-        t_emb = timestep_embedding(timestep, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        emb = self.time_embedding(t_emb.to(sample.dtype))
-        if cfg.has_text_time:
-            time_embeds = timestep_embedding(
-                time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
-            ).reshape(b, -1)  # (B, num_time_ids * addition_time_embed_dim)
-            add_embeds = torch.cat([text_embeds.to(time_embeds.dtype), time_embeds], dim=-1).to(emb.dtype)
-            emb = emb + self.add_embedding(add_embeds)
+        # 1. time embedding
+        emb = self.embed(timestep, text_embeds, time_ids, sample.dtype)
 
         # 2. conv_in
         if cfg.center_input_sample:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import UNetConfig
 from ..model import UNet2DConditionModel
-from ..model.layers import GEGLU, Attention, FeedForward, GroupNorm, ResnetBlock2D, timestep_embedding
+from ..model.layers import GEGLU, Attention, FeedForward, GroupNorm, ResnetBlock2D
 from .plan import Plan
 
 # ---- communication -------------------------------------------------------------------------
@@ -202,7 +202,6 @@ class ShardedUNet(nn.Module):
         time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cfg, comm, ranks = self.config, self.comm, list(self.ranks)
-        b = sample.shape[0]
         timestep = ranks[0]._check_inputs(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
 
         # 0. every input on every rank
@@ -210,18 +209,7 @@ class ShardedUNet(nn.Module):
         texts, times = (comm.replicate(t) if t is not None else [None] * len(ranks) for t in (text_embeds, time_ids))
 
         # 1. time embedding (replicated)
-        def embed(m, t, text, ids):
-            emb = m.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
-                                                      cfg.freq_shift).to(sample.dtype))
-            if cfg.has_text_time:
-                time_embeds = timestep_embedding(
-                    ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
-                ).reshape(b, -1)  # (B, num_time_ids * addition_time_embed_dim)
-                add = torch.cat([text.to(time_embeds.dtype), time_embeds], dim=-1).to(emb.dtype)
-                emb = emb + m.add_embedding(add)
-            return emb
-
-        embs = _each(embed, ranks, timesteps, texts, times)
+        embs = _each(lambda m, t, text, ids: m.embed(t, text, ids, sample.dtype), ranks, timesteps, texts, times)
 
         # 2. conv_in (replicated)
         if cfg.center_input_sample:
@@ -276,25 +264,8 @@ class ShardedUNet(nn.Module):
 
     def _transformer(self, name: str, models: list, xs, contexts):
         """diffusers `Transformer2DModel` (punet's) over the ranks: heads and GEGLU features split."""
-        b, c, h, w = xs[0].shape
         m0 = models[0]
-
-        def enter(m, x):
-            x = m.norm(x)
-            if not m.linear_projection:
-                x = m.proj_in(x)
-            x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)
-            return m.proj_in(x) if m.linear_projection else x
-
-        def leave(m, x, residual):
-            if m.linear_projection:
-                x = m.proj_out(x)
-            x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
-            if not m.linear_projection:
-                x = m.proj_out(x.contiguous())
-            return x + residual
-
-        hs = _each(enter, models, xs)
+        hs = _each(lambda m, x: m.enter(x), models, xs)
         for k in range(len(m0.transformer_blocks)):
             blocks = [m.transformer_blocks[k] for m in models]
             p = f"{name}.transformer_blocks.{k}"
@@ -304,7 +275,7 @@ class ShardedUNet(nn.Module):
                                 lambda bl: bl.attn2.to_out[0].finish, contexts)
             hs = self._residual(f"{p}.ff", blocks, hs, lambda bl, x: bl.ff(bl.norm3(x)),
                                 lambda bl: bl.ff.net[2].finish)
-        return _each(leave, models, hs, xs)
+        return _each(lambda m, x, residual: m.leave(x, residual), models, hs, xs)
 
 
 class DataParallelUNet(nn.Module):
