@@ -70,12 +70,29 @@ def _eager(built, inputs, dtype, out):
 
 # Bug caught: the compiled integer path computing something else than the eager one (a transposed
 # weight, a lost zero point, scales applied twice). Rounding flips make the error chaotic input by
-# input (one input flips nothing, the next flips a code and cascades), so the bound is on the set:
-# timesteps 0, 10 and 999 at batch 1 and 2, the compiled module's largest distance from the exact
-# float64 model within twice eager float32's largest.
+# input: one input flips nothing, the next flips a code in some layer and the flip cascades (a few
+# percent here). So float32's noise is measured as the spread of eager float32 around the exact
+# float64 model over the inputs (timesteps 0, 10 and 999, batch 1 and 2) and over runs whose every
+# quantizer input is nudged by a few float32 ulps (2^-20 relative: what another summation order in
+# the float layers does to a float32 evaluation), and the compiled module must stay within twice
+# that noise: its median within twice eager's median (a systematic error moves every input), its
+# largest within twice the largest.
 def test_compiled_int8_within_twice_the_float32_noise(built):
+    from punet.eager import call_model
+    from punet.weights import load_model
+
     config, _ = load_irpa(built / "f32.irpa")
-    noise, compiled = [], []
+    q32, _ = load_model(built / "int8.irpa", dtype="float32")
+    g = torch.Generator().manual_seed(0)
+
+    def nudge(_module, args):  # a few ulps up or down on every value a quantizer reads
+        x = args[0]
+        return (x * (1 + (torch.rand(x.shape, generator=g) * 2 - 1) * 2.0**-20),)
+
+    for m in q32.modules():
+        if isinstance(m, (QuantLinear, QuantConv2d)):
+            m.register_forward_pre_hook(nudge)
+    noise, spread, compiled = [], [], []
     for batch in (1, 2):
         for t in (0, 10, 999):
             x = make_inputs(config, Signature(batch, 64, 64), seed=t)
@@ -87,9 +104,13 @@ def test_compiled_int8_within_twice_the_float32_noise(built):
             iree = _run(built, f"unet_b{batch}_64x64_f32_int8.cpu.vmfb", name, f"iree_{batch}_{t}.safetensors")
             noise.append(rel_l2(eager, exact))
             compiled.append(rel_l2(iree, exact))
-    print(f"eager f32 vs f64: {[f'{v:.1e}' for v in noise]}; compiled vs f64: {[f'{v:.1e}' for v in compiled]}")
-    assert 0 < max(noise) < 0.3  # a few percent on this model (docs/quantization.md)
-    assert max(compiled) <= 2 * max(noise)
+            for _ in range(4):
+                spread.append(rel_l2(call_model(q32, x), exact))
+    print(f"eager f32 vs f64: {[f'{v:.1e}' for v in noise]}, nudged: {[f'{v:.1e}' for v in spread]}; "
+          f"compiled vs f64: {[f'{v:.1e}' for v in compiled]}")
+    assert 0 < max(noise + spread) < 0.3  # a few percent on this model (docs/quantization.md)
+    assert sorted(compiled)[len(compiled) // 2] <= 2 * sorted(noise)[len(noise) // 2]
+    assert max(compiled) <= 2 * max(noise + spread)
 
 
 def _compile_module(module: torch.nn.Module, x: torch.Tensor):
