@@ -350,6 +350,18 @@ def test_quantize_refuses_bad_requests(archives, tmp_path):
     assert not (tmp_path / "x.irpa").exists()
 
 
+# Bug caught: an int8 module compiled with the transpose propagation that halves its speed (the head
+# split folded into the int8 projections), or a float module losing the flag its zero-copy weights need.
+def test_quantized_modules_drop_the_transpose_propagation():
+    from punet.compile import compile_flags, get_target
+    from punet.compile.targets import quantized_flags
+
+    flags = compile_flags(get_target("cpu"), tuned=True)
+    assert "--iree-opt-aggressively-propagate-transposes" in quantized_flags(flags, "")
+    assert "--iree-opt-aggressively-propagate-transposes" not in quantized_flags(flags, "int8")
+    assert "--iree-opt-data-tiling" in quantized_flags(flags, "int8")
+
+
 # Bug caught: an int8 module sent to a Vulkan profile without 8-bit support reaching iree-compile
 # (a minute, then "failed to legalize operation 'vector.bitcast'") instead of one line up front.
 def test_targets_without_int8_refuse_quantized_modules(archives):

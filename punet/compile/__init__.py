@@ -33,7 +33,7 @@ from ..config import UNetConfig
 from ..errors import PunetError, UsageError
 from ..fileio import atomic_path, check_output, write_json_atomic, write_text_atomic
 from ..signature import Signature, check_fits
-from .targets import TARGETS, Target, compile_flags, get_target, multi_device_flags
+from .targets import TARGETS, Target, compile_flags, get_target, multi_device_flags, quantized_flags
 
 __all__ = [
     "CompilePlan", "CompileResult", "TARGETS", "Target", "compile_vmfb", "compiler_version", "get_target", "iree_compile",
@@ -180,7 +180,8 @@ def compile_vmfb(
         signature = json.loads(signature_path(source).read_text())
     if plan.note and progress:
         progress(plan.note)
-    flags = multi_device_flags(compile_flags(t, tuned=plan.tuned), sig.devices) + list(extra_flags)
+    flags = multi_device_flags(quantized_flags(compile_flags(t, tuned=plan.tuned), sig.quant), sig.devices)
+    flags += list(extra_flags)
     mlir_digest = sha256_file(source)
     key = build_key(mlir=mlir_digest, flags=flags, compiler=compiler_version(), target=t.name)
     info_path = build_info_path(output)

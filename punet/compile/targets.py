@@ -547,6 +547,22 @@ MULTI_DEVICE_DROPPED = {
 }
 
 
+# Flags of a target's set that a quantized module (punet.quant) compiles better without, and why.
+QUANTIZED_DROPPED = {
+    "--iree-opt-aggressively-propagate-transposes": (
+        "it folds the attention's head split into the int8 projections, which become batched generic "
+        "contractions that data tiling leaves off the i8 microkernels: 2.0x slower on the full-size int8 "
+        "SDXL UNet (3.30 s vs 1.63 s per 256x256 call, bit-identical outputs; docs/quantization.md). The "
+        "flag is there for fp32 archives' zero-copy weights; int8 weights are packed by data tiling anyway"
+    ),
+}
+
+
+def quantized_flags(flags: list[str], quant: str) -> list[str]:
+    """`flags` for a module with `quant`ized weights ("" = float: unchanged)."""
+    return [f for f in flags if f not in QUANTIZED_DROPPED] if quant else list(flags)
+
+
 def multi_device_flags(flags: list[str], devices: int) -> list[str]:
     """`flags` for a module on `devices` devices of one target: its device flag once per device, numbered.
 
