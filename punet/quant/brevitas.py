@@ -34,7 +34,8 @@ from ..config import ConfigError, UNetConfig
 from ..errors import PunetError
 from ..fileio import read_json_object
 from .calibrate import quantize_weight
-from .scheme import INT8_MAX, INT8_MIN, LayerPlan, plan
+from ..tensors import load_tensors
+from .scheme import INT8_MAX, INT8_MIN, group_layers, plan
 
 QUANT_PARAMS = "quant_params.json"
 PARAMS = "params.safetensors"
@@ -59,6 +60,12 @@ class _Fields:
         if not isinstance(entry, dict):
             self.fail("", f"expected an object of quantization fields, got {type(entry).__name__}")
         self.entry = entry
+
+    def only(self, allowed: set[str]) -> None:
+        """Refuse a field (or its `_shape` / `_dtype`) that is not one of `allowed`."""
+        for field in self.entry:
+            if field.removesuffix("_shape").removesuffix("_dtype") not in allowed:
+                self.fail(field, f"unknown field (expected: {', '.join(sorted(allowed))})")
 
     def fail(self, field: str, msg: str):
         at = f"{self.layer}.{field}" if field else self.layer
@@ -110,12 +117,6 @@ class _Fields:
         return t.to(torch.int8)
 
 
-def _load_params(path: Path) -> dict[str, torch.Tensor]:
-    from ..tensors import load_tensors
-
-    return load_tensors(path)
-
-
 def read_folder(folder: Path) -> tuple[UNetConfig, dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """(config, config.json as found, quantized archive tensors, quantization metadata) of a Brevitas folder."""
     try:
@@ -125,11 +126,9 @@ def read_folder(folder: Path) -> tuple[UNetConfig, dict[str, Any], dict[str, tor
     config_json = read_json_object(folder / "config.json", "a diffusers UNet config.json")
     qpath = folder / QUANT_PARAMS
     quant = read_json_object(qpath, "Brevitas quantization parameters")
-    params = _load_params(folder / PARAMS)
+    params = load_tensors(folder / PARAMS)
     layers = plan(config)
-    groups: dict[str, list[LayerPlan]] = {}
-    for layer in layers:
-        groups.setdefault(layer.group, []).append(layer)
+    groups = group_layers(layers)
 
     attention_scales = {}
     for name in quant:
@@ -151,9 +150,7 @@ def read_folder(folder: Path) -> tuple[UNetConfig, dict[str, Any], dict[str, tor
         for name, entry in attention_scales.items():
             attn, _, leaf = name.rpartition(".")
             f = _Fields(qpath, name, entry)
-            for field in f.entry:
-                if field.removesuffix("_shape").removesuffix("_dtype") not in _ACT_FIELDS:
-                    f.fail(field, f"unknown field (expected: {', '.join(sorted(_ACT_FIELDS))})")
+            f.only(_ACT_FIELDS)
             if attn not in attentions:
                 raise PunetError(f"{qpath}: layer {name!r}: no attention {attn!r} in the model config.json describes")
             zp = f.tensor("act_zp", 1)
@@ -177,13 +174,15 @@ def read_folder(folder: Path) -> tuple[UNetConfig, dict[str, Any], dict[str, tor
 
     expected = expected_shapes(config)
     quantized_keys = {f"{layer.name}.weight" for layer in layers}
-    fused_keys = {f"{g}.{p}" for g, members in groups.items() if len(members) > 1 for p in ("weight", "bias")}
+    fused = {g: members for g, members in groups.items() if len(members) > 1}
+    fused_keys = {f"{g}.{p}" for g in fused for p in ("weight", "bias")}
+    fused_members = {m.name for members in fused.values() for m in members}
     state: dict[str, torch.Tensor] = {}
     for key, shape in expected.items():
         if key in quantized_keys:
             continue
         if key not in params:
-            if _member_of_fused(key, groups):
+            if key.rpartition(".")[0] in fused_members:
                 continue  # comes from the fused tensor
             raise PunetError(f"{folder / PARAMS}: missing tensor {key!r} (required by config.json)")
         if tuple(params[key].shape) != shape:
@@ -199,14 +198,10 @@ def read_folder(folder: Path) -> tuple[UNetConfig, dict[str, Any], dict[str, tor
     asymmetric = []
     for group, members in groups.items():
         f = _Fields(qpath, group, quant[group])
-        for field in f.entry:
-            base = field.removesuffix("_shape").removesuffix("_dtype")
-            if base not in _LAYER_FIELDS:
-                f.fail(field, f"unknown field (expected: {', '.join(sorted(_LAYER_FIELDS))})")
+        f.only(_LAYER_FIELDS)
         if "output_scale" in f.entry:
             f.fail("output_scale", "the fp8 layer flow (output quantizer) is not supported: punet imports int8 layers")
         first = members[0]
-        fused = len(members) > 1
         wkey = f"{group}.weight"
         if wkey not in params:
             raise PunetError(f"{folder / PARAMS}: missing tensor {wkey!r} (quant_params.json quantizes {group!r})")
@@ -232,7 +227,7 @@ def read_folder(folder: Path) -> tuple[UNetConfig, dict[str, Any], dict[str, tor
             asymmetric += [m.name for m in members]
         else:
             zp = None
-        bias = params.get(f"{group}.bias") if fused else None
+        bias = params.get(f"{group}.bias") if group in fused else None
         offset = 0
         for m in members:
             rows_m = slice(offset, offset + m.out_features)
@@ -256,15 +251,6 @@ def read_folder(folder: Path) -> tuple[UNetConfig, dict[str, Any], dict[str, tor
     return config, config_json, state, quantization
 
 
-def _member_of_fused(key: str, groups: dict[str, list[LayerPlan]]) -> bool:
-    """True for the bias of a fused projection's member (it is read from the fused tensor)."""
-    layer = key.rpartition(".")[0]
-    for g, members in groups.items():
-        if len(members) > 1 and any(m.name == layer for m in members):
-            return True
-    return False
-
-
 def write_folder(
     folder: str | Path, config: UNetConfig, config_json: dict[str, Any], state: dict[str, torch.Tensor], fp8_dtype: str = ""
 ) -> Path:
@@ -281,9 +267,7 @@ def write_folder(
     if folder.is_dir() and any(folder.iterdir()):
         raise PunetError(f"-o {folder}: folder is not empty")
     layers = plan(config)
-    groups: dict[str, list[LayerPlan]] = {}
-    for layer in layers:
-        groups.setdefault(layer.group, []).append(layer)
+    groups = group_layers(layers)
     layer_names = {m.name for m in layers}
     attention_keys = set(ATTENTION_QUANTIZERS.values())
     params = {

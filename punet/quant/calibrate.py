@@ -20,7 +20,7 @@ import torch
 
 from ..config import UNetConfig
 from ..errors import PunetError
-from .scheme import FP8_DTYPES, INT8_MAX, INT8_MIN, LayerPlan, get_scheme, plan
+from .scheme import FP8_DTYPES, INT8_MAX, INT8_MIN, LayerPlan, get_scheme, group_layers, plan
 
 DEFAULT_ALPHA = 0.5
 DEFAULT_SAMPLES = 4
@@ -41,27 +41,48 @@ def _channel_max(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
     return x.detach().abs().amax(dim=dims).double()
 
 
-def collect_input_max(
-    model: torch.nn.Module, layers: list[LayerPlan], inputs: list[dict[str, torch.Tensor]], on_sample=None
-) -> dict[str, torch.Tensor]:
-    """Per input group, the max |x| of each input channel over every calibration call."""
+def _keep_max(stats: dict[str, torch.Tensor], key: str, m: torch.Tensor) -> None:
+    stats[key] = m if key not in stats else torch.maximum(stats[key], m)
+
+
+def collect_maxima(
+    model: torch.nn.Module,
+    layers: list[LayerPlan],
+    inputs: list[dict[str, torch.Tensor]],
+    *,
+    attention: bool = False,
+    on_sample=None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One pass of the float model over the calibration inputs, recording two maxima.
+
+    Per input group, the max |x| of each input channel; with `attention`, per attention module `A`
+    the max |Q|, |K|, |V| (keys `A.q`, `A.k`, `A.v`).
+    """
     from ..eager import call_model
+    from ..model.layers import Attention
 
-    stats: dict[str, torch.Tensor] = {}
-    handles = []
+    inputs_max: dict[str, torch.Tensor] = {}
+    attention_max: dict[str, torch.Tensor] = {}
 
-    def hook_for(layer: LayerPlan):
+    def input_hook(layer: LayerPlan):
         channel_dim = 1 if layer.kind == "conv" else -1
 
         def hook(_module, args):
-            m = _channel_max(args[0], channel_dim % args[0].dim())
-            prev = stats.get(layer.group)
-            stats[layer.group] = m if prev is None else torch.maximum(prev, m)
+            _keep_max(inputs_max, layer.group, _channel_max(args[0], channel_dim % args[0].dim()))
 
         return hook
 
-    for layer in layers:
-        handles.append(model.get_submodule(layer.name).register_forward_pre_hook(hook_for(layer)))
+    def output_hook(key: str):
+        def hook(_module, _args, out):
+            _keep_max(attention_max, key, out.detach().abs().max().double())
+
+        return hook
+
+    handles = [model.get_submodule(layer.name).register_forward_pre_hook(input_hook(layer)) for layer in layers]
+    if attention:
+        for name, m in model.named_modules():
+            if isinstance(m, Attention):
+                handles += [getattr(m, f"to_{p}").register_forward_hook(output_hook(f"{name}.{p}")) for p in "qkv"]
     try:
         for i, tensors in enumerate(inputs):
             call_model(model, tensors)
@@ -70,35 +91,7 @@ def collect_input_max(
     finally:
         for h in handles:
             h.remove()
-    return stats
-
-
-def collect_attention_max(model: torch.nn.Module, inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per attention module `A`, the max |Q|, |K|, |V| (`A.q` ...) over every calibration call."""
-    from ..eager import call_model
-    from ..model.layers import Attention
-
-    stats: dict[str, torch.Tensor] = {}
-
-    def hook_for(key: str):
-        def hook(_module, _args, out):
-            m = out.detach().abs().max().double()
-            stats[key] = m if key not in stats else torch.maximum(stats[key], m)
-
-        return hook
-
-    handles = []
-    for name, m in model.named_modules():
-        if isinstance(m, Attention):
-            for p in "qkv":
-                handles.append(getattr(m, f"to_{p}").register_forward_hook(hook_for(f"{name}.{p}")))
-    try:
-        for tensors in inputs:
-            call_model(model, tensors)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
+    return inputs_max, attention_max
 
 
 def fp8_attention_scales(stats: dict[str, torch.Tensor], fp8_dtype: str) -> dict[str, torch.Tensor]:
@@ -116,11 +109,8 @@ def smooth_and_quantize(
     state: dict[str, torch.Tensor], layers: list[LayerPlan], input_max: dict[str, torch.Tensor], alpha: float
 ) -> dict[str, torch.Tensor]:
     """The quantized archive's tensors for `layers` (weight, weight_scale, input_scale, smoothquant_mul)."""
-    groups: dict[str, list[LayerPlan]] = {}
-    for layer in layers:
-        groups.setdefault(layer.group, []).append(layer)
     out: dict[str, torch.Tensor] = {}
-    for group, members in groups.items():
+    for group, members in group_layers(layers).items():
         a = input_max.get(group)
         if a is None:
             raise PunetError(f"calibration: layer {members[0].name!r} never ran (no input recorded)")
@@ -214,11 +204,11 @@ def quantize_archive(
         calibration = {"samples": samples, "seed": seed, "height": height, "width": width, "timesteps": "999..0, evenly"}
     if progress:
         progress(f"calibrating {len(layers)} layers on {len(inputs)} input(s)")
-    stats = collect_input_max(model, layers, inputs, on_sample)
+    input_max, attention_max = collect_maxima(model, layers, inputs, attention=sch.fp8_attention, on_sample=on_sample)
     state = {k: v for k, v in model.state_dict().items()}
-    state.update(smooth_and_quantize(state, layers, stats, alpha))
+    state.update(smooth_and_quantize(state, layers, input_max, alpha))
     if sch.fp8_attention:
-        state.update(fp8_attention_scales(collect_attention_max(model, inputs), fp8_dtype))
+        state.update(fp8_attention_scales(attention_max, fp8_dtype))
     quantization = {
         "scheme": scheme,
         "layers": len(layers),

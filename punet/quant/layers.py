@@ -16,13 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.layers import Attention
+from ..model.layers import Attention, stats_dtype
 from .scheme import FP8_DTYPES, INT8_MAX, INT8_MIN, LayerPlan
-
-
-def _scale_dtype(x: torch.Tensor) -> torch.dtype:
-    """Scales and dequantized sums run in float32, or float64 when the model does."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class _QuantBase(nn.Module):
@@ -43,7 +38,7 @@ class _QuantBase(nn.Module):
 
     def quantize_input(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
         """int8 codes of x * smoothquant_mul / input_scale (round half to even, saturated)."""
-        dt = _scale_dtype(x)
+        dt = stats_dtype(x)
         shape = [1] * x.dim()
         shape[channel_dim] = self.in_features
         x = x.to(dt) * self.smoothquant_mul.to(dt).view(shape)
@@ -55,7 +50,7 @@ class _QuantBase(nn.Module):
         acc = torch._int_mm(q, w.t())  # (M, N) int32, exact
         if self.weight_zp is not None:
             acc = acc - q.to(torch.int32).sum(-1, keepdim=True) * self.weight_zp.to(torch.int32)
-        dt = torch.float64 if out_dtype == torch.float64 else torch.float32
+        dt = torch.promote_types(out_dtype, torch.float32)  # as stats_dtype: float32, float64 stays
         y = acc.to(dt) * (self.input_scale.to(dt) * self.weight_scale.to(dt))
         if self.bias is not None:
             y = y + self.bias.to(dt)
@@ -122,7 +117,7 @@ class Fp8Attention(Attention):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         b = x.shape[0]
-        dt = _scale_dtype(x)
+        dt = stats_dtype(x)
         q = self.to_q(x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, N, head_dim)
         k = self.to_k(context).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, M, head_dim)
         v = self.to_v(context).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, M, head_dim)

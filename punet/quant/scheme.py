@@ -106,6 +106,14 @@ def fused_group(name: str) -> str:
     return name
 
 
+def group_layers(layers: list[LayerPlan]) -> dict[str, list[LayerPlan]]:
+    """The layers by input group (a fused projection's members together, in plan order)."""
+    groups: dict[str, list[LayerPlan]] = {}
+    for layer in layers:
+        groups.setdefault(layer.group, []).append(layer)
+    return groups
+
+
 def is_quantized(name: str) -> bool:
     return not any(token in name for token in EXCLUDED)
 
