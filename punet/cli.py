@@ -96,6 +96,18 @@ def _working(text: str):
         yield
 
 
+@contextlib.contextmanager
+def _counting(text: str):
+    """A bar counting items (tensors, calibration samples) with the elapsed time; yields `update(i, n)`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn(text), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_console(), transient=True
+    ) as bar:
+        task = bar.add_task(text, total=None)
+        yield lambda i, n: bar.update(task, completed=i, total=n)
+
+
 def _stdout_console():
     """Tables on stdout; off a terminal, wide enough that paths and commands are never cut."""
     from rich.console import Console
@@ -107,8 +119,6 @@ def _stdout_console():
 
 
 def cmd_import(args) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .fileio import check_output
     from .weights import import_checkpoint
 
@@ -116,14 +126,7 @@ def cmd_import(args) -> int:
         raise UsageError(f"-o {args.output}: expected a .irpa file name (an IREE parameter archive)")
     check_output(args.output)
     t0 = time.perf_counter()
-    with Progress(
-        TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_console(), transient=True
-    ) as bar:
-        task = bar.add_task("import", total=None)
-
-        def on_tensor(i: int, n: int) -> None:
-            bar.update(task, completed=i, total=n)
-
+    with _counting("importing") as on_tensor:
         meta = import_checkpoint(
             args.source,
             args.output,
@@ -277,8 +280,6 @@ def cmd_compare(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .quant.calibrate import quantize_archive
 
     if args.format == "irpa" and Path(args.output).suffix != ".irpa":
@@ -286,10 +287,7 @@ def cmd_quantize(args) -> int:
     if args.calibration_inputs and args.calibration_samples is not None:
         raise UsageError("--calibration-inputs and --calibration-samples: give one or the other")
     t0 = time.perf_counter()
-    with Progress(
-        TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_console(), transient=True
-    ) as bar:
-        task = bar.add_task("calibrate", total=None)
+    with _counting("calibrating") as on_sample:
         meta = quantize_archive(
             args.irpa,
             args.output,
@@ -303,7 +301,7 @@ def cmd_quantize(args) -> int:
             fmt=args.format,
             fp8_dtype=args.fp8_dtype,
             progress=_say,
-            on_sample=lambda i, n: bar.update(task, completed=i, total=n),
+            on_sample=on_sample,
         )
     q = meta["quantization"]
     print(
@@ -338,8 +336,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_shard(args) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .artifacts import rank_irpa_path, sharded_irpa_name
     from .sharded.archive import shard_archive
 
@@ -347,12 +343,8 @@ def cmd_shard(args) -> int:
     if output.suffix != ".irpa":
         raise UsageError(f"-o {output}: expected a .irpa file name (an IREE parameter archive)")
     t0 = time.perf_counter()
-    with Progress(
-        TextColumn("sharding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_console(), transient=True
-    ) as bar:
-        task = bar.add_task("shard", total=None)
-        meta = shard_archive(args.irpa, args.tp, output, progress=_say,
-                             on_tensor=lambda i, n: bar.update(task, completed=i, total=n))
+    with _counting("sharding") as on_tensor:
+        meta = shard_archive(args.irpa, args.tp, output, progress=_say, on_tensor=on_tensor)
     print_plan(meta)
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB"
                       for p in [output] + [rank_irpa_path(output, r) for r in range(args.tp)])

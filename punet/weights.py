@@ -311,10 +311,7 @@ def import_checkpoint(
                     del data
                     if on_tensor:
                         on_tensor(i + 1, len(records))
-            meta = {
-                "format": METADATA_FORMAT,
-                "punet_version": __version__,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            meta = _stamped({
                 "source": src.spec,
                 "source_dir": str(src.unet_dir),
                 "revision": src.revision,
@@ -326,11 +323,8 @@ def import_checkpoint(
                 "config": config.to_dict(),
                 # As found on disk: diffusers rebuilds its reference model from this.
                 "config_json": json.loads((src.unet_dir / "config.json").read_text()),
-            }
-            blob = json.dumps(meta).encode()
-            import numpy as np
-
-            index.add_buffer(METADATA_KEY, np.frombuffer(blob, dtype=np.uint8).copy(), metadata="punet-metadata")
+            })
+            _add_metadata(index, meta)
             if progress:
                 progress(f"writing {output}")
             index.create_archive_file(str(tmp))
@@ -367,6 +361,22 @@ def import_brevitas(
         "quantization": quantization,
     }
     return write_irpa(output, state, meta, progress)
+
+
+def _stamped(meta: dict[str, Any]) -> dict[str, Any]:
+    """`meta` with the format, punet's version and the creation time every archive's metadata starts with (these
+    three always new, whatever `meta` holds)."""
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    stamp = {"format": METADATA_FORMAT, "punet_version": __version__, "created": now}
+    return {**stamp, **{k: v for k, v in meta.items() if k not in stamp}}
+
+
+def _add_metadata(index, meta: dict[str, Any]) -> None:
+    """The punet metadata entry of an archive being written."""
+    import numpy as np
+
+    blob = json.dumps(meta).encode()
+    index.add_buffer(METADATA_KEY, np.frombuffer(blob, dtype=np.uint8).copy(), metadata="punet-metadata")
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -495,7 +505,6 @@ def write_irpa(
 
     `meta` is completed with the digest, the tensor and parameter counts and the creation time.
     """
-    import numpy as np
     import iree.runtime as rt
 
     index = rt.ParameterIndex()
@@ -504,19 +513,15 @@ def write_irpa(
     for key in sorted(state):
         t = state[key].detach().contiguous().cpu()
         raw = t.reshape(-1).view(torch.uint8).numpy()
-        digest.update(raw.tobytes())
+        digest.update(raw.data)
         index.add_buffer(key, raw.copy(), metadata=_tensor_metadata(names[t.dtype], tuple(t.shape)))
-    meta = {
+    meta = _stamped({
         **meta,
-        "format": METADATA_FORMAT,
-        "punet_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "num_tensors": len(state),
         "num_parameters": sum(t.numel() for t in state.values()),
         "weights_sha256": digest.hexdigest(),
-    }
-    blob = json.dumps(meta).encode()
-    index.add_buffer(METADATA_KEY, np.frombuffer(blob, dtype=np.uint8).copy(), metadata="punet-metadata")
+    })
+    _add_metadata(index, meta)
     if progress:
         progress(f"writing {output}")
     with atomic_path(output) as tmp:
