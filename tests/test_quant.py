@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -351,15 +352,27 @@ def test_quantize_refuses_bad_requests(archives, tmp_path):
 
 
 # Bug caught: an int8 module compiled with the transpose propagation that halves its speed (the head
-# split folded into the int8 projections), or a float module losing the flag its zero-copy weights need.
+# split folded into the int8 projections), or with the stack check that refuses the default size's
+# im2col; a float module (or a GPU one) changed by either.
 def test_quantized_modules_drop_the_transpose_propagation():
     from punet.compile import compile_flags, get_target
     from punet.compile.targets import quantized_flags
 
-    flags = compile_flags(get_target("cpu"), tuned=True)
-    assert "--iree-opt-aggressively-propagate-transposes" in quantized_flags(flags, "")
-    assert "--iree-opt-aggressively-propagate-transposes" not in quantized_flags(flags, "int8")
-    assert "--iree-opt-data-tiling" in quantized_flags(flags, "int8")
+    cpu = get_target("cpu")
+    flags = compile_flags(cpu, tuned=True)
+    assert quantized_flags(cpu, flags, "") == flags
+    assert "--iree-opt-aggressively-propagate-transposes" not in quantized_flags(cpu, flags, "int8")
+    assert "--iree-opt-data-tiling" in quantized_flags(cpu, flags, "int8")
+    # ... and they turn off the stack check the default 1024x1024 im2col exceeds; the installed
+    # iree-compile knows the flag (an unknown flag is a hard error).
+    stack = "--iree-llvmcpu-fail-on-out-of-bounds-stack-allocation=false"
+    assert stack in quantized_flags(cpu, flags, "int8") and stack not in flags
+    gpu = get_target("gfx942")
+    assert quantized_flags(gpu, compile_flags(gpu, tuned=True), "int8") == compile_flags(gpu, tuned=True)
+    from punet.compile import iree_compile
+
+    help_text = subprocess.run([iree_compile(), "--help-hidden"], capture_output=True, text=True).stdout
+    assert stack.split("=")[0] in help_text
 
 
 # Bug caught: an int8 module sent to a Vulkan profile without 8-bit support reaching iree-compile

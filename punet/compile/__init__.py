@@ -180,7 +180,7 @@ def compile_vmfb(
         signature = json.loads(signature_path(source).read_text())
     if plan.note and progress:
         progress(plan.note)
-    flags = multi_device_flags(quantized_flags(compile_flags(t, tuned=plan.tuned), sig.quant), sig.devices)
+    flags = multi_device_flags(quantized_flags(t, compile_flags(t, tuned=plan.tuned), sig.quant), sig.devices)
     flags += list(extra_flags)
     mlir_digest = sha256_file(source)
     key = build_key(mlir=mlir_digest, flags=flags, compiler=compiler_version(), target=t.name)
