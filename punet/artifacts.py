@@ -35,9 +35,15 @@ def mlir_name(sig: Signature, decomposed: bool = False) -> str:
     return f"{stem(sig, decomposed)}.mlir"
 
 
-def vmfb_name(mlir: str | Path, target: str, tuned: bool = True) -> str:
-    """e.g. unet_b1_1024x1024_f16.gfx942.vmfb (plain flags: .gfx942-plain.vmfb)."""
-    return f"{Path(mlir).stem}.{target}{'' if tuned else '-plain'}.vmfb"
+def vmfb_name(mlir: str | Path, target: str, tuned: bool = True, packed: bool = False) -> str:
+    """e.g. unet_b1_1024x1024_f16.gfx942.vmfb (plain flags: .gfx942-plain.vmfb; packed weights: .cpu-packed.vmfb)."""
+    return f"{Path(mlir).stem}.{target}{'' if tuned else '-plain'}{'-packed' if packed else ''}.vmfb"
+
+
+def encoder_path(vmfb: str | Path) -> Path:
+    """The parameter encoder beside a module compiled with --pack-weights: X.cpu-packed.encoder.vmfb."""
+    vmfb = Path(vmfb)
+    return vmfb.with_name(vmfb.stem + ".encoder.vmfb")
 
 
 def signature_path(mlir: str | Path) -> Path:

@@ -457,12 +457,26 @@ def cmd_compile(args) -> int:
             tuned=not args.plain,
             extra_flags=args.flags_extra,
             force=args.force,
+            pack_weights=args.pack_weights,
             progress=_say,
         )
     if res.reused:
         print(f"{res.vmfb} is up to date (reused; --force rebuilds)")
     else:
         print(f"wrote {res.vmfb} ({res.vmfb.stat().st_size / 2**20:.1f} MiB) in {res.seconds:.1f} s")
+    if args.pack_weights:
+        print(f"next: punet pack {res.vmfb} IRPA   (once per archive; then run it with the packed archive)")
+    return 0
+
+
+def cmd_pack(args) -> int:
+    from .runtime.pack import pack_weights
+
+    if args.output and Path(args.output).suffix != ".irpa":
+        raise UsageError(f"-o {args.output}: expected a .irpa file name (an IREE parameter archive)")
+    with _working("packing weights"):
+        res = pack_weights(args.vmfb, args.irpa, args.output, progress=_say)
+    print(f"wrote {res.path} ({res.bytes / 2**30:.2f} GiB) in {res.seconds:.1f} s")
     return 0
 
 
@@ -789,7 +803,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flags-extra", action="append", default=[], metavar="FLAG", help="extra iree-compile flag")
     p.add_argument("--list-targets", action="store_true", help="print the target table and exit")
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date artifact exists")
+    p.add_argument("--pack-weights", action="store_true",
+                   help="CPU: read weights packed ahead of time by `punet pack` instead of repacking them at each "
+                        "load (writes <output stem>.encoder.vmfb too)")
     p.set_defaults(func=cmd_compile)
+
+    p = verb(
+        "pack",
+        "pack an archive's weights once for a module compiled with --pack-weights (its data-tiled layout)",
+        "punet pack unet_b1_512x512_f32.cpu-packed.vmfb unet_f32.irpa   # writes unet_b1_512x512_f32.cpu-packed.irpa",
+    )
+    p.add_argument("vmfb", help="module compiled with `punet compile --pack-weights` (its encoder beside it)")
+    p.add_argument("irpa", help="the unpacked archive from `punet import`")
+    p.add_argument("-o", "--output", help="output .irpa (default: the module's name with .irpa)")
+    p.set_defaults(func=cmd_pack)
 
     p = verb(
         "bench",

@@ -15,6 +15,7 @@ import shlex
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,13 +28,14 @@ from ..artifacts import (
     sha256_file,
     signature_path,
     up_to_date,
+    encoder_path,
     vmfb_name,
 )
 from ..config import UNetConfig
 from ..errors import PunetError, UsageError
 from ..fileio import atomic_path, check_output, write_json_atomic, write_text_atomic
 from ..signature import Signature, check_fits
-from .targets import TARGETS, Target, compile_flags, get_target, multi_device_flags, quantized_flags
+from .targets import MULTI_DEVICE_DROPPED, TARGETS, Target, compile_flags, get_target, multi_device_flags, packed_flags, quantized_flags
 
 __all__ = [
     "CompilePlan", "CompileResult", "TARGETS", "Target", "compile_vmfb", "compiler_version", "get_target", "iree_compile",
@@ -137,6 +139,27 @@ def plan_compile(t: Target, sig: Signature, config: UNetConfig, *, tuned: bool, 
     return CompilePlan(tuned, needs and not decomposed and not sig.fp8, t.attention_reason, note)
 
 
+def _run_compile(cmd: list[str], target: str, log_path: Path) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        write_text_atomic(log_path, f"$ {shlex.join(cmd)}\n\n{proc.stdout}{proc.stderr}")
+        raise PunetError(f"iree-compile failed for target {target}: {_first_error(proc.stderr)} (full log: {log_path})")
+
+
+# The parameter scope a module compiled with --pack-weights reads its packed weights from.
+PACKED_SCOPE = "encoded"
+
+
+def check_packable(t: Target, tuned: bool, devices: int) -> None:
+    """--pack-weights: refuse, in one line, what it cannot apply to."""
+    if devices > 1:
+        raise UsageError(f"--pack-weights: a {devices}-device module is not data-tiled ({MULTI_DEVICE_DROPPED['--iree-opt-data-tiling']})")
+    if t.driver != "local-task":
+        raise UsageError(f"--pack-weights: CPU targets only (target {t.name} runs on {t.driver}; not verified there)")
+    if not tuned:
+        raise UsageError("--pack-weights packs weights for data tiling, which --plain leaves out (its weights are used in place)")
+
+
 def compile_vmfb(
     mlir: str | Path,
     target: str,
@@ -145,9 +168,14 @@ def compile_vmfb(
     tuned: bool = True,
     extra_flags: Sequence[str] = (),
     force: bool = False,
+    pack_weights: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> CompileResult:
-    """Compile `mlir` for `target` (a name in TARGETS)."""
+    """Compile `mlir` for `target` (a name in TARGETS).
+
+    `pack_weights`: also write the module's parameter encoder (X.encoder.vmfb); the module then reads
+    weights that `punet pack` laid out ahead of time, instead of repacking them at every load.
+    """
     mlir = Path(mlir)
     try:
         t = get_target(target)
@@ -165,7 +193,9 @@ def compile_vmfb(
     for flag in extra_flags:
         if not flag.startswith("-"):
             raise UsageError(f"--flags-extra {flag!r}: expected an iree-compile flag starting with '-'")
-    output = Path(output) if output else mlir.parent / vmfb_name(mlir, t.name, tuned)
+    if pack_weights:
+        check_packable(t, plan.tuned, sig.devices)
+    output = Path(output) if output else mlir.parent / vmfb_name(mlir, t.name, tuned, packed=pack_weights)
     check_output(output)
     source = mlir
     if plan.derive_decomposed:
@@ -180,12 +210,16 @@ def compile_vmfb(
         signature = json.loads(signature_path(source).read_text())
     if plan.note and progress:
         progress(plan.note)
-    flags = multi_device_flags(quantized_flags(t, compile_flags(t, tuned=plan.tuned), sig.quant), sig.devices)
+    flags = quantized_flags(t, compile_flags(t, tuned=plan.tuned), sig.quant)
+    flags = multi_device_flags(packed_flags(flags, pack_weights), sig.devices)
     flags += list(extra_flags)
+    encoder = encoder_path(output) if pack_weights else None
+    if encoder:
+        flags += [f"--iree-parameter-encoder-output-scope={PACKED_SCOPE}"]
     mlir_digest = sha256_file(source)
     key = build_key(mlir=mlir_digest, flags=flags, compiler=compiler_version(), target=t.name)
     info_path = build_info_path(output)
-    if not force and up_to_date(output, info_path, key):
+    if not force and up_to_date(output, info_path, key) and (encoder is None or encoder.is_file()):
         info = json.loads(info_path.read_text())
         return CompileResult(output, t.name, True, 0.0, info["command"])
 
@@ -193,23 +227,31 @@ def compile_vmfb(
     if progress:
         progress(f"compiling {source.name} for {t.name} ({t.description}){'' if plan.tuned else ' with plain flags'}")
     t0 = time.perf_counter()
-    with atomic_path(output) as tmp:
+    with ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(output))
         cmd = [iree_compile(), str(source), "-o", str(tmp), *flags]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if encoder:
+            enc_tmp = stack.enter_context(atomic_path(encoder))
+            enc_mlir = enc_tmp.with_name(enc_tmp.name + ".mlir")  # iree-compile writes it; removed on the way out
+            stack.callback(enc_mlir.unlink, missing_ok=True)
+            cmd.append(f"--iree-parameter-encoder-output-file={enc_mlir}")
+        _run_compile(cmd, t.name, log_path)
+        if encoder:
+            if progress:
+                progress(f"compiling its parameter encoder ({encoder.name})")
+            _run_compile([iree_compile(), str(enc_mlir), "-o", str(enc_tmp), *t.flags], t.name, log_path)
         seconds = time.perf_counter() - t0
-        if proc.returncode != 0:
-            write_text_atomic(log_path, f"$ {shlex.join(cmd)}\n\n{proc.stdout}{proc.stderr}")
-            raise PunetError(
-                f"iree-compile failed for target {t.name}: {_first_error(proc.stderr)} (full log: {log_path})"
-            )
     log_path.unlink(missing_ok=True)
     command = [iree_compile(), str(source.resolve()), "-o", str(output.resolve()), *flags]
+    if encoder:
+        command.append(f"--iree-parameter-encoder-output-file={encoder.with_suffix('.mlir').resolve()}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    write_text_atomic(
-        compile_script_path(output),
-        f"#!/bin/sh\n# {compiler_version()}; punet {__version__}; target {t.name} "
-        f"({'tuned' if plan.tuned else 'plain'} flags)\n{shlex.join(command)}\n",
-    )
+    script = f"#!/bin/sh\n# {compiler_version()}; punet {__version__}; target {t.name} " \
+             f"({'tuned' if plan.tuned else 'plain'} flags{', packed weights' if encoder else ''})\n{shlex.join(command)}\n"
+    if encoder:
+        enc_mlir = encoder.with_suffix(".mlir").resolve()
+        script += shlex.join([iree_compile(), str(enc_mlir), "-o", str(encoder.resolve()), *t.flags]) + "\n"
+    write_text_atomic(compile_script_path(output), script)
     write_json_atomic(
         info_path,
         {
@@ -237,6 +279,8 @@ def compile_vmfb(
             "irpa": signature["irpa"],
             "config": signature["config"],
             "scheduler": signature.get("scheduler"),
+            "packed": {"encoder": encoder.name, "scope": PACKED_SCOPE, "encoder_sha256": sha256_file(encoder)}
+            if encoder else None,
             "build_key": key,
         },
     )

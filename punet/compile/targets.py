@@ -569,6 +569,21 @@ QUANTIZED_DROPPED = {
 }
 
 
+# Flags of a target's set that a module compiled with --pack-weights does without, and why.
+PACKED_DROPPED = {
+    "--iree-opt-aggressively-propagate-transposes": (
+        "it is there so that unpacked fp32 weights are used in place; packed weights are laid out ahead of "
+        "time (transposes included), and without it the attention projections stay on the mmt4d "
+        "microkernels: full-size fp32 SDXL 5.9 s -> 2.9 s per 256x256 call (docs/cpu-tuning.md)"
+    ),
+}
+
+
+def packed_flags(flags: list[str], packed: bool) -> list[str]:
+    """`flags` for a module that reads packed weights (`punet pack`), or unchanged."""
+    return [f for f in flags if f not in PACKED_DROPPED] if packed else list(flags)
+
+
 def quantized_flags(target: Target, flags: list[str], quant: str) -> list[str]:
     """`flags` of `target` for a module with `quant`ized weights ("" = float: unchanged)."""
     if not quant:

@@ -110,6 +110,9 @@ class Session:
         info = load_build_info(vmfb)
         meta = read_metadata(irpa)
         check_archive_fits(info, meta, vmfb, irpa)
+        from .pack import check_packed
+
+        scope = check_packed(info, meta, vmfb, irpa) or SCOPE
         want = info["irpa"]["weights_sha256"]
         if meta["weights_sha256"] != want:
             msg = (
@@ -145,7 +148,7 @@ class Session:
         index = rt.ParameterIndex()
         for path in files:
             index.load(str(path), mmap=True)
-        provider = index.create_provider(scope=SCOPE)
+        provider = index.create_provider(scope=scope)
         params = rt.create_io_parameters_module(rt_config.vm_instance, provider)
         module = rt.VmModule.mmap(rt_config.vm_instance, str(vmfb))
         session._modules = rt.load_vm_modules(params, module, config=rt_config)

@@ -1,0 +1,120 @@
+"""`punet compile --pack-weights` + `punet pack`: weights packed once, ahead of time, for the CPU's data tiling.
+
+The reference is the same module built without packing (it packs at load) and torch eager fp32
+on the same archive; the refusals are the pairings that would run garbage.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from punet.builtin import write_checkpoint
+from punet.compile import compile_vmfb
+from punet.compile.targets import PACKED_DROPPED
+from punet.eager import call_model
+from punet.errors import PunetError, UsageError
+from punet.export import export_mlir
+from punet.runtime import Session
+from punet.runtime.pack import pack_weights
+from punet.signature import Signature, make_inputs
+from punet.weights import import_checkpoint, load_model, read_metadata
+
+from .conftest import MICRO_SDXL, rel_l2, run_cli
+
+SIG = Signature(1, 64, 64, "float32", tokens=8)
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pack")
+    write_checkpoint(root / "ckpt", MICRO_SDXL, seed=0)
+    irpa = root / "u.irpa"
+    import_checkpoint(str(root / "ckpt"), irpa)
+    mlir = export_mlir(irpa, sig=SIG, decompose_attention=True).mlir
+    vmfb = compile_vmfb(mlir, "cpu", pack_weights=True).vmfb
+    res = pack_weights(vmfb, irpa)
+    return {"root": root, "irpa": irpa, "mlir": mlir, "vmfb": vmfb, "packed": res.path,
+            "unpacked_vmfb": compile_vmfb(mlir, "cpu").vmfb}
+
+
+def test_packed_module_matches_unpacked_and_eager(packed):
+    # Catches: a weight packed into the wrong offset or layout, an encoder that never ran (zeros),
+    # or the session serving the packed archive under the wrong scope.
+    session = Session.load(packed["vmfb"], packed["packed"])
+    x = make_inputs(session.config, SIG, 3)
+    got = session(x)
+    want = Session.load(packed["unpacked_vmfb"], packed["irpa"])(x)
+    model, _ = load_model(packed["irpa"])
+    eager = call_model(model, x)
+    assert rel_l2(got, want) <= 1e-6
+    assert rel_l2(got, eager) <= 1e-5
+    assert got.abs().max() > 0
+
+
+def test_packed_archive_records_its_module_and_source(packed):
+    # Catches: a packed archive without the source's config/digest (then nothing can check it fits),
+    # or one not bound to the module it was packed for.
+    meta, source = read_metadata(packed["packed"]), read_metadata(packed["irpa"])
+    assert meta["weights_sha256"] == source["weights_sha256"] and meta["config"] == source["config"]
+    assert meta["packed"]["vmfb"] == packed["vmfb"].name and meta["packed"]["target"] == "cpu"
+    assert packed["packed"].name == packed["vmfb"].with_suffix(".irpa").name
+    info = json.loads((packed["vmfb"].parent / (packed["vmfb"].name + ".json")).read_text())
+    assert info["packed"]["encoder"] == packed["vmfb"].stem + ".encoder.vmfb"
+    assert not set(PACKED_DROPPED) & set(info["flags"])  # packed builds keep the projections on the microkernels
+    assert not list(packed["root"].glob("*.tmp")) and not list(packed["mlir"].parent.glob("*.encoder.*.mlir"))
+
+
+def test_refuses_mismatched_pairs(packed, tmp_path):
+    # Catches: a packed module run on raw weights, raw module on packed weights, or weights packed for
+    # another build of the module: each would read the wrong bytes as weights.
+    with pytest.raises(PunetError, match="--pack-weights.*punet pack"):
+        Session.load(packed["vmfb"], packed["irpa"])
+    with pytest.raises(PunetError, match="packed for .*takes the unpacked archive"):
+        Session.load(packed["unpacked_vmfb"], packed["packed"])
+    other = tmp_path / packed["vmfb"].name
+    shutil.copy(packed["vmfb"], other)
+    shutil.copy(str(packed["vmfb"]) + ".json", str(other) + ".json")
+    with open(other, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(PunetError, match="another build"):
+        Session.load(other, packed["packed"])
+
+
+def test_pack_refusals_write_nothing(packed, tmp_path):
+    # Catches: packing for a module without an encoder, re-packing a packed archive, or a missing
+    # encoder, any of which must fail before an output exists.
+    out = tmp_path / "x.irpa"
+    with pytest.raises(PunetError, match="not compiled with --pack-weights"):
+        pack_weights(packed["unpacked_vmfb"], packed["irpa"], out)
+    with pytest.raises(PunetError, match="already packed"):
+        pack_weights(packed["vmfb"], packed["packed"], out)
+    lonely = tmp_path / packed["vmfb"].name
+    shutil.copy(packed["vmfb"], lonely)
+    shutil.copy(str(packed["vmfb"]) + ".json", str(lonely) + ".json")
+    with pytest.raises(PunetError, match="encoder module .* is missing"):
+        pack_weights(lonely, packed["irpa"], out)
+    assert list(tmp_path.glob("x*")) == []
+
+
+def test_pack_weights_flag_refusals(packed):
+    # Catches: --pack-weights accepted where there is nothing to pack (plain flags) or on a GPU target.
+    with pytest.raises(UsageError, match="--plain"):
+        compile_vmfb(packed["mlir"], "cpu", tuned=False, pack_weights=True)
+    with pytest.raises(UsageError, match="CPU targets only"):
+        compile_vmfb(packed["mlir"], "gfx942", pack_weights=True)
+
+
+def test_cli_pack_and_run(packed, tmp_path):
+    # Catches: the verb not wired, or `punet run` not taking the packed archive.
+    out = tmp_path / "p.irpa"
+    r = run_cli("pack", str(packed["vmfb"]), str(packed["irpa"]), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and out.is_file()
+    r = run_cli("run", str(packed["vmfb"]), "--irpa", str(out), "-o", str(tmp_path / "o.safetensors"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("run", str(packed["vmfb"]), "--irpa", str(packed["irpa"]), "-o", str(tmp_path / "o2.safetensors"))
+    assert r.returncode != 0 and "punet pack" in r.stderr and "Traceback" not in r.stderr
