@@ -1,8 +1,23 @@
-"""Render bench/suite.py results as docs/benchmarks.md and a PNG chart."""
+"""Render bench/suite.py results into docs/benchmarks.md (its own section) and a PNG chart.
+
+Only the text between BEGIN and END is the suite's: `write_report` replaces it and keeps the rest of the
+file (the hand-written sections of earlier machines). No torch, OpenVINO or matplotlib needed (the chart is
+skipped without matplotlib).
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+BEGIN = "<!-- suite:begin -->"
+END = "<!-- suite:end -->"
+BASE = "eager float32"
+KIND_LABEL = {"eager": "torch eager", "iree": "IREE", "compile": "torch.compile", "openvino": "OpenVINO"}
+KIND_COLOR = {"iree": "#4c72b0", "eager": "#dd8452", "compile": "#55a868", "openvino": "#8172b3"}
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8"}
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx")
+
 
 def fp32_flop_per_cycle() -> int:
     """Peak fp32 FLOP per cycle per core: 2 FMA pipes x lanes x 2 (AVX-512: 16 lanes, AVX2: 8)."""
@@ -29,88 +44,215 @@ def cpu_ghz() -> float | None:
     return None
 
 
-def render(results: dict, threads: int, tflop: dict, outdir: Path) -> tuple[str, Path | None]:
-    host = results["host"]
-    ghz = cpu_ghz()
-    per_cycle = fp32_flop_per_cycle()
-    peak_tflops = ghz * per_cycle * threads / 1e3 if ghz else None
-    lines = [
-        "# Benchmarks: full-size SDXL UNet on this CPU",
-        "",
-        f"Measured {host['date']} by `python bench/suite.py` on {host['cpu']}, {host['cores']} cores "
-        f"({threads} threads for IREE and torch), AVX-512 BF16: {'yes' if host['avx512_bf16'] else 'no'}; "
-        f"torch {host['torch']}, {host['iree_compiler']}, Python {host['python']}.",
-        "Random weights with the real SDXL base config (2,567,463,684 parameters), batch 1, 77 tokens; "
-        "IREE target `cpu` (tuned flags, see `punet compile --list-targets`).",
-        "",
-        "## Latency, side by side",
-        "",
-        "Each row is the median of the timed calls of one process that alternates the runner with torch eager "
-        "fp32 on the same inputs (warm-up excluded). Ratio: that process's torch eager fp32 median / this "
-        "median (>1 is faster). "
-        "FLOP floor: the call's FLOPs / this CPU's fp32 peak"
-        + (f" ({peak_tflops:.3f} TFLOP/s = {ghz:.2f} GHz x {per_cycle} FLOP/cycle x {threads} cores)"
-           if peak_tflops else "")
-        + "; `floor / time` is the fraction of that peak reached.",
-        "",
-        "| size | runner | median s | min s | vs eager fp32 | floor / time | rel L2 vs eager fp32 | peak RSS GiB | .irpa GiB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+def label(name: str) -> str:
+    """'openvino bfloat16' -> 'OpenVINO bf16'."""
+    kind, _, dtype = name.partition(" ")
+    return f"{KIND_LABEL.get(kind, kind)} {SHORT.get(dtype, dtype)}"
+
+
+def rows(results: dict, tflop: dict, peak_tflops: float | None) -> list[dict]:
+    """One row per runner and size, eager fp32 first in each size.
+
+    A paired row's ratio is against the eager fp32 of its own process; an alone row's against the eager fp32
+    process timed alone at that size (blank without one). Eager fp32 is shown once per size: from its
+    alone process if there is one, else from the first process that holds it.
+    """
     probes = {(p["size"], p["runner"]): p for p in results["probes"]}
-    chart_rows = []
-    seen = set()
-    for t in results["timings"]:
-        size = t["size"]
-        base = t["runners"].get("eager float32", {}).get("median_s")
-        floor = tflop.get(size, 0) / peak_tflops if peak_tflops else None
-        for name, r in t["runners"].items():
-            if (size, name) in seen and name == "eager float32":
-                continue  # each timing process pairs a runner with eager fp32: show eager once per size
-            seen.add((size, name))
-            p = probes.get((size, name), {})
-            ratio = f"{base / r['median_s']:.2f}x" if base else ""
-            frac = f"{floor / r['median_s']:.0%}" if floor else ""
-            lines.append(
-                f"| {size}x{size} | {name} | {r['median_s']:.2f} | {r['min_s']:.2f} | {ratio} | {frac} | "
-                f"{p.get('rel_l2_vs_eager_fp32', float('nan')):.1e} | {p.get('peak_rss_gib', float('nan')):.1f} | "
-                f"{p.get('irpa_gib', float('nan')):.1f} |"
-            )
-            chart_rows.append((f"{size} {name}", r["median_s"]))
-    lines += ["", "## Stages", "", "| stage | size | dtype | seconds | peak RSS GiB |", "| --- | --- | --- | ---: | ---: |"]
+    builds: dict[tuple, float] = {}
     for s in results["stages"]:
-        lines.append(f"| {s['stage']} | {s.get('size', '')} | {s['dtype']} | {s['seconds']:.0f} | {s['peak_rss_gib']:.2f} |")
-    chart = _chart(chart_rows, outdir / "benchmarks.png")
-    if chart:
-        lines += ["", f"![latency]({chart.name})"]
+        if s["stage"] in ("export", "compile"):
+            key = (s["size"], "iree " + s["dtype"])
+            builds[key] = builds.get(key, 0.0) + s["seconds"]
+        elif s["stage"] == "openvino convert":
+            for dtype in SHORT:  # one float32 IR serves every OpenVINO precision
+                builds[(s["size"], "openvino " + dtype)] = s["seconds"]
+    out = []
+    sizes = list(dict.fromkeys(t["size"] for t in results["timings"]))
+    for size in sizes:
+        timings = [t for t in results["timings"] if t["size"] == size]
+        base_alone = next((t for t in timings if list(t["runners"]) == [BASE]), None)
+        first_base = base_alone or next((t for t in timings if BASE in t["runners"]), None)
+        entries = [(first_base, BASE)] if first_base else []
+        entries += [(t, name) for t in timings for name in t["runners"] if name != BASE]
+        floor = (tflop.get(str(size)) or tflop.get(size) or 0) / peak_tflops if peak_tflops else 0
+        for t, name in entries:
+            r = t["runners"][name]
+            paired = len(t["runners"]) > 1
+            ref = t if paired or name == BASE else base_alone
+            base = ref["runners"][BASE]["median_s"] if ref else None
+            p = probes.get((size, name), {})
+            out.append({
+                "size": size, "runner": name, "label": label(name), "kind": name.split(" ")[0],
+                "timed": "paired" if paired else "alone", "process_rss_gib": t.get("peak_rss_gib"),
+                "median_s": r["median_s"], "min_s": r["min_s"],
+                "ratio": base / r["median_s"] if base else None,
+                "floor_fraction": floor / r["median_s"] if floor else None,
+                "rel_l2": p.get("rel_l2_vs_eager_fp32"), "peak_rss_gib": p.get("peak_rss_gib"),
+                "build_s": builds.get((size, name)), "load_s": p.get("load_s"), "first_call_s": p.get("first_call_s"),
+                "source": r.get("source"),
+            })
+    return out
+
+
+def _f(v, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def render(results: dict, chart: Path | None = None) -> str:
+    """The suite's section (without its markers); `chart`: the PNG it links, written beside the markdown."""
+    host = results["host"]
+    threads = results.get("threads") or host["cores"]
+    ghz = host.get("ghz", cpu_ghz())
+    per_cycle = host.get("fp32_flop_per_cycle") or fp32_flop_per_cycle()
+    peak_tflops = ghz * per_cycle * threads / 1e3 if ghz else None
+    tflop = results.get("tflop_per_call", {})
+    model = results.get("model", {})
+    flags = host.get("flags") or {"avx512_bf16": host.get("avx512_bf16"), "amx": host.get("amx")}
+    isa = ", ".join(f"{f} {'yes' if flags.get(f) else 'no'}" for f in ISA_FLAGS if f in flags)
+    versions = [f"torch {host['torch']}", str(host["iree_compiler"])]
+    if host.get("openvino"):
+        versions.append(f"OpenVINO {host['openvino']}")
+    versions.append(f"Python {host['python']}")
+    params = model.get("parameters")
+    config = Path(model.get("config", "")).name or "the real SDXL base config"
+    lines = [
+        "## CPU: `bench/suite.py` (generated)",
+        "",
+        f"Generated {host['date']} by `{results.get('command', 'python bench/suite.py')}`. "
+        "This section is rewritten by each run; the rest of this file is not.",
+        "",
+        f"- CPU: **{host['cpu']}**, {host['cores']} cores; ISA flags: {isa}.",
+        f"- Threads: {threads} for every runner (torch, IREE, OpenVINO); {', '.join(versions)}.",
+        f"- Model: `{config}` with random weights"
+        + (f" ({params:,} parameters)" if params else "")
+        + (", the real SDXL base config" if model.get("full_size_sdxl") else "")
+        + "; batch 1, no CFG; IREE target `cpu` (tuned flags, see `punet compile --list-targets`).",
+    ]
+    shapes = {}
+    for p in results["probes"]:
+        if p.get("inputs") and p.get("runner") == BASE:
+            shapes[p["size"]] = p["inputs"]
+    for size, inputs in shapes.items():
+        lines.append(f"- Inputs at {size}x{size} (eager fp32; other dtypes cast the float inputs): "
+                     + ", ".join(f"`{k}` {list(s)} {d}" for k, (s, d) in inputs.items()) + ".")
+    table = rows(results, tflop, peak_tflops)
     lines += [
         "",
-        "## Reproduce",
+        "### Latency",
         "",
-        "```bash",
-        "pip install -e '.[test,bench]'",
-        f"python bench/suite.py --threads {threads}",
-        "```",
+        "Median and min of the timed calls (warm-up excluded). **Timed**: `paired` rows come from a process "
+        "that alternates the runner with torch eager fp32 on the same inputs, and their ratio is that "
+        "process's eager fp32 median / this median (>1 is faster); `alone` rows ran in a process of their "
+        "own (`--alone`, for a pair that does not fit in memory), their ratio is against an eager fp32 "
+        "process timed alone. "
+        "Floor / time: the call's FLOPs / this CPU's fp32 peak"
+        + (f" ({peak_tflops:.3f} TFLOP/s = {ghz:.2f} GHz x {per_cycle} FLOP/cycle x {threads} threads)"
+           if peak_tflops else "")
+        + ", the fraction of that peak reached (blank where the FLOP count is not known: full-size SDXL "
+        "config only). Rel L2, peak RSS, load and first call: one probe process per runner (load + one "
+        "call; ru_maxrss, memory-mapped weights count). Build: IREE export + iree-compile, OpenVINO "
+        "`convert_model` + `save_model` (stages below); load: the .vmfb + .irpa, `compile_model` of the IR, "
+        "or the torch model; first call: torch.compile compiles there.",
         "",
-        "CPU flag experiments, including the misses, are in [cpu-tuning.md](cpu-tuning.md).",
-        "",
+        "| size | runner | timed | median s | min s | vs eager fp32 | floor / time | rel L2 vs eager fp32 "
+        "| peak RSS GiB | build s | load s | first call s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    return "\n".join(lines), chart
+    for r in table:
+        lines.append(
+            f"| {r['size']}x{r['size']} | {r['label']} | {r['timed']} | {r['median_s']:#.3g} | {r['min_s']:#.3g} | "
+            f"{_f(r['ratio'], '.2f')}{'x' if r['ratio'] else ''} | {_f(r['floor_fraction'], '.0%')} | "
+            f"{'0' if r['rel_l2'] == 0 else _f(r['rel_l2'], '.1e')} | {_f(r['peak_rss_gib'], '.2f')} | {_f(r['build_s'], '.1f')} | "
+            f"{_f(r['load_s'], '.2f')} | {_f(r['first_call_s'], '.2f')} |"
+        )
+    pairs = [f"{r['size']} {r['label']}" for r in table if r["timed"] == "paired" and r["runner"] != BASE]
+    alone = [f"{r['size']} {r['label']}" for r in table if r["timed"] == "alone"]
+    lines += [
+        "",
+        "Paired with torch eager fp32: " + (", ".join(pairs) or "none") + ". Alone: " + (", ".join(alone) or "none")
+        + ". Timing processes' peak RSS (GiB): "
+        + ", ".join(f"{t['size']} {' + '.join(label(n) for n in t['runners'])} {t['peak_rss_gib']:.2f}"
+                    for t in results["timings"] if t.get("peak_rss_gib") is not None) + ".",
+        "",
+        "Runners: torch eager = punet's torch model (SDPA attention) under `torch.inference_mode()`; "
+        "torch.compile = `torch.compile(model)` of that model (inductor, default mode) on the same inputs; "
+        "OpenVINO = `ov.convert_model` of that float32 model, saved as an IR once per size and compiled by the "
+        "CPU plugin (`INFERENCE_PRECISION_HINT` f32, or bf16 for the bf16 row: the same float32 IR; "
+        "`PERFORMANCE_HINT` LATENCY, `INFERENCE_NUM_THREADS` as above). A paired OpenVINO runner is "
+        "converted in its timing process from the eager fp32 model it alternates with, sharing its weights, "
+        "and a paired torch.compile fp32 runner compiles that same model: the weights are read once.",
+    ]
+    lines += ["", "### Stages", "", "| stage | size | dtype | seconds | peak RSS GiB |",
+              "| --- | --- | --- | ---: | ---: |"]
+    for s in results["stages"]:
+        lines.append(f"| {s['stage']} | {s.get('size', '')} | {s['dtype']} | {s['seconds']:.1f} | "
+                     f"{s['peak_rss_gib']:.2f} |")
+    if chart:
+        lines += ["", f"![latency per runner and size]({chart.name})"]
+    return "\n".join(lines) + "\n"
 
 
-def _chart(rows: list[tuple[str, float]], path: Path) -> Path | None:
+def splice(existing: str, section: str) -> str:
+    """`existing` with the text between the markers replaced by `section`; markers added after the title."""
+    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
+    if existing.count(BEGIN) > 1 or existing.count(END) > 1:
+        raise ValueError(f"more than one {BEGIN} or {END}: fix the file by hand")
+    if BEGIN in existing and END in existing:
+        i, j = existing.index(BEGIN), existing.index(END) + len(END)
+        if j < i:
+            raise ValueError(f"{END} before {BEGIN}")
+        return existing[:i] + block + existing[j:]
+    if BEGIN in existing or END in existing:
+        raise ValueError(f"only one of {BEGIN} and {END}: fix the file by hand")
+    title = re.search(r"^# .*\n", existing, flags=re.M)
+    if title is None:
+        return block + "\n\n" + existing
+    k = title.end()
+    return existing[:k] + "\n" + block + "\n" + existing[k:]
+
+
+def write_report(results: dict, out: Path, chart: bool = True) -> Path | None:
+    """Write the suite's section into `out` (created with a title if missing) and the chart beside it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = _chart(results, out.with_suffix(".png")) if chart else None
+    existing = out.read_text() if out.is_file() else "# Benchmarks\n"
+    out.write_text(splice(existing, render(results, path)))
+    return path
+
+
+def _chart(results: dict, path: Path) -> Path | None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1))
-    names = [r[0] for r in rows][::-1]
-    ax.barh(names, [r[1] for r in rows][::-1], color=["#4c72b0" if "iree" in n else "#dd8452" for n in names])
-    ax.set_xlabel("seconds per UNet call (median, lower is better)")
-    ax.set_title("SDXL UNet, batch 1: IREE (blue) vs torch eager (orange)")
-    fig.tight_layout()
+    table = rows(results, {}, None)
+    sizes = list(dict.fromkeys(r["size"] for r in table))
+    if not sizes:
+        return None
+    counts = [sum(r["size"] == s for r in table) for s in sizes]
+    fig, axes = plt.subplots(len(sizes), 1, figsize=(8, 0.4 * sum(counts) + 1.2 * len(sizes)),
+                             gridspec_kw={"height_ratios": counts}, squeeze=False)
+    for ax, size in zip(axes[:, 0], sizes):
+        group = [r for r in table if r["size"] == size][::-1]
+        names = [r["label"] + (" (alone)" if r["timed"] == "alone" else "") for r in group]
+        values = [r["median_s"] for r in group]
+        ax.barh(names, values, color=[KIND_COLOR.get(r["kind"], "#999999") for r in group])
+        for i, r in enumerate(group):
+            text = f" {r['median_s']:#.3g} s" + (f"  {r['ratio']:.2f}x" if r["ratio"] else "")
+            ax.text(r["median_s"], i, text, va="center", fontsize=8)
+        ax.set_xlim(0, max(values) * 1.3)
+        ax.set_title(f"{size}x{size}", fontsize=10, loc="left")
+    axes[-1, 0].set_xlabel("seconds per UNet call (median, lower is better; ratio: vs torch eager fp32)")
+    kinds = [k for k in KIND_LABEL if any(r["kind"] == k for r in table)]
+    fig.legend(handles=[Patch(color=KIND_COLOR[k], label=KIND_LABEL[k]) for k in kinds],
+               loc="upper right", fontsize=8, ncol=len(kinds))
+    fig.suptitle(f"UNet, batch 1, {results['host']['cpu']}", fontsize=10, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -1,15 +1,24 @@
-"""Full-size SDXL UNet on this CPU: IREE vs torch eager, side by side, written to docs/benchmarks.md.
+"""The SDXL UNet on this CPU: IREE, torch eager, torch.compile and OpenVINO side by side, in docs/benchmarks.md.
 
-    python bench/suite.py                       # 256x256 and 512x512, batch 1 (about 40 min on 2 cores)
-    python bench/suite.py --sizes 256 --repeat 2
+    python bench/suite.py                       # 256x256 and 512x512, batch 1 (about 40 min on 2 cores without peers)
+    python bench/suite.py --sizes 256 --repeat 2 --peers openvino --alone openvino
+    python bench/suite.py --config /tmp/tiny.json --work /tmp/suite_tiny --sizes 64 --iree-dtypes float32 \
+        --eager-dtypes float32 --repeat 2 --out /tmp/suite_tiny/benchmarks.md    # a small config, minutes
 
 Nothing is downloaded: a random-weight SDXL checkpoint with the real config
 (shared/configs/sdxl-base-1.0-unet.json, or --config) is written once under
 --work. Then, per dtype and size: `punet import`, `punet export`, `punet
-compile --target cpu` (each timed with its peak RSS, as a child process);
+compile --target cpu`, and per size the OpenVINO IR (`ov.convert_model` of
+punet's torch model, saved), each timed with its peak RSS as a child process;
 a probe process per runner (load + one call) gives its peak RSS and its
-output, compared with torch eager fp32; and one timing process per size
-alternates all runners on the same inputs and threads, warm-up excluded.
+output, compared with torch eager fp32; and one timing process per runner
+alternates it with torch eager fp32 on the same inputs and threads, warm-up
+excluded (or times it alone: --alone). The peers (--peers: torch.compile,
+OpenVINO) run the dtypes of --eager-dtypes, bf16 only where the CPU has
+AVX-512 BF16 or AMX.
+
+The report is the section between `<!-- suite:begin -->` and `<!-- suite:end -->`
+of --out (added after the title if absent); the rest of the file is kept.
 """
 
 from __future__ import annotations
@@ -19,12 +28,18 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from punet.compile import get_target
+# Run as a script, bench/ comes first on sys.path, and its scripts would shadow the standard library's
+# modules of the same name (bench/profile.py hides `profile`): bench modules are loaded by path instead.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+from punet.compile import get_target  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT.parent / "shared" / "configs" / "sdxl-base-1.0-unet.json"
@@ -50,12 +65,54 @@ def punet(*args: str) -> list[str]:
     return [sys.executable, "-m", "punet.cli", *args]
 
 
+PEERS = ("compile", "openvino")
+
+
 def runner_spec(kind: str, dtype: str, work: Path, size: int) -> dict:
     irpa = work / f"unet_{SHORT[dtype]}.irpa"
     spec = {"kind": kind, "dtype": dtype, "irpa": str(irpa), "size": size}
     if kind == "iree":
         spec["vmfb"] = str(work / f"unet_b1_{size}x{size}_{SHORT[dtype]}.cpu.vmfb")
+    if kind == "openvino":  # one float32 IR per size; bfloat16 is a precision hint on it (bench/worker.py)
+        spec["irpa"] = str(work / "unet_f32.irpa")
+        spec["xml"] = str(ov_xml(work, size))
     return spec
+
+
+def ov_xml(work: Path, size: int) -> Path:
+    return work / f"unet_f32_{size}.xml"
+
+
+def peer_dtypes(eager_dtypes: list[str], machine: dict) -> list[str]:
+    """The peers' dtypes: --eager-dtypes, less bf16 where the CPU has no native bf16 and what peers do not run."""
+    out = []
+    for dtype in eager_dtypes:
+        if dtype == "bfloat16" and not (machine["avx512_bf16"] or machine["amx"]):
+            print("peers: bfloat16 skipped: this CPU has neither AVX-512 BF16 nor AMX (bf16 would be emulated)",
+                  flush=True)
+        elif dtype not in ("float32", "bfloat16"):
+            print(f"peers: {dtype} skipped: torch.compile and OpenVINO run float32 and bfloat16 here", flush=True)
+        else:
+            out.append(dtype)
+    return out
+
+
+def is_default_config(path: Path) -> bool:
+    """Whether `path` is the real SDXL config (the file, or a copy): TFLOP_PER_CALL holds for it alone."""
+    if not DEFAULT_CONFIG.is_file():
+        return False
+    if path.resolve() == DEFAULT_CONFIG.resolve():
+        return True
+
+    def fields(p: Path) -> dict:
+        return {k: v for k, v in json.loads(p.read_text()).items() if not k.startswith("_")}
+
+    return fields(path) == fields(DEFAULT_CONFIG)
+
+
+def matches(spec: dict, tokens: list[str]) -> bool:
+    """Whether --alone names this runner: by kind (openvino) or kind:dtype (openvino:float32)."""
+    return spec["kind"] in tokens or f"{spec['kind']}:{spec['dtype']}" in tokens
 
 
 def main() -> None:
@@ -63,19 +120,47 @@ def main() -> None:
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--work", default=str(ROOT / "artifacts" / "bench"))
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
-    p.add_argument("--iree-dtypes", nargs="+", default=["float32", "bfloat16", "float16"],
+    p.add_argument("--iree-dtypes", nargs="*", default=["float32", "bfloat16", "float16"],
                    help="float32, bfloat16, float16, int8 (punet quantize of the float32 archive)")
-    p.add_argument("--eager-dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--eager-dtypes", nargs="+", default=["float32", "bfloat16"],
+                   help="must hold float32: torch eager fp32 is every process's baseline and the reference")
+    p.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS,
+                   help="CPU peers timed beside eager and IREE, in the dtypes of --eager-dtypes (bf16 only with "
+                        "AVX-512 BF16 or AMX): compile = torch.compile (inductor), openvino = OpenVINO CPU plugin; "
+                        "--peers alone: none")
+    p.add_argument("--alone", nargs="*", default=[], metavar="KIND[:DTYPE]",
+                   help="runners timed alone in their own process instead of alternating with torch eager fp32 "
+                        "(a pair that does not fit in memory), e.g. openvino or iree:float32; their ratio is "
+                        "then against an eager fp32 process of its own")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
+                   help="markdown file: the suite's section (between its markers) is replaced, the rest kept")
     p.add_argument("--json", default=None, help="raw results (default: <work>/results.json)")
     a = p.parse_args()
+    kinds = ("eager", "iree") + PEERS
+    for token in a.alone:
+        kind, _, dtype = token.partition(":")
+        if kind not in kinds or (dtype and dtype not in SHORT):
+            p.error(f"--alone {token}: expected KIND or KIND:DTYPE with KIND one of {', '.join(kinds)}")
+    if "float32" not in a.eager_dtypes:
+        p.error("--eager-dtypes must include float32 (the baseline of every ratio and the reference output)")
+    eager_dtypes = ["float32"] + [d for d in a.eager_dtypes if d != "float32"]
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
-    results: dict = {"stages": [], "probes": [], "timings": []}
+    machine = host()
+    peer_types = peer_dtypes(eager_dtypes, machine) if a.peers else []
+    full_size = is_default_config(Path(a.config))
+    results: dict = {
+        "stages": [], "probes": [], "timings": [],
+        "command": shlex.join(["python", "bench/suite.py"] + sys.argv[1:]),
+        "threads": a.threads,
+        # FLOPs per call are known for the real SDXL config only; other configs leave the floor blank.
+        "tflop_per_call": {str(k): v for k, v in TFLOP_PER_CALL.items()} if full_size else {},
+        "model": {"config": a.config, "full_size_sdxl": full_size},
+    }
 
     ckpt = work / "checkpoint"
     if not (ckpt / "config.json").is_file():
@@ -83,7 +168,7 @@ def main() -> None:
         run_child([sys.executable, str(ROOT / "bench" / "make_checkpoint.py"), a.config, str(ckpt), "--dtype", "float16"],
                   logs / "checkpoint.log")
 
-    dtypes = sorted(set(a.iree_dtypes) | set(a.eager_dtypes), key=list(SHORT).index)
+    dtypes = sorted(set(a.iree_dtypes) | set(eager_dtypes), key=list(SHORT).index)
     if "int8" in dtypes and "float32" not in dtypes:
         dtypes.insert(0, "float32")
     for dtype in dtypes:
@@ -97,6 +182,10 @@ def main() -> None:
             print(f"import {dtype}", flush=True)
             s, rss = run_child(punet("import", str(ckpt), "--dtype", dtype, "-o", str(irpa)), logs / f"import_{dtype}.log")
             results["stages"].append({"stage": "import", "dtype": dtype, "seconds": s, "peak_rss_gib": rss})
+    from punet.weights import read_metadata
+
+    results["model"]["parameters"] = read_metadata(work / "unet_f32.irpa").get("num_parameters")
+    worker = [sys.executable, str(ROOT / "bench" / "worker.py")]
     for size in a.sizes:
         for dtype in a.iree_dtypes:
             irpa = work / f"unet_{SHORT[dtype]}.irpa"
@@ -109,69 +198,114 @@ def main() -> None:
             results["stages"].append({"stage": "export", "size": size, "dtype": dtype, "seconds": s, "peak_rss_gib": rss})
             s, rss = run_child(punet("compile", str(mlir), "--target", "cpu"), logs / f"compile_{size}_{dtype}.log")
             results["stages"].append({"stage": "compile", "size": size, "dtype": dtype, "seconds": s, "peak_rss_gib": rss})
+        if "openvino" in a.peers and peer_types:
+            # One child converts and saves the IR, so no benchmark process holds the torch model and the
+            # converted one at once; the workers read the IR back.
+            print(f"openvino convert {size} (float32 IR)", flush=True)
+            out = work / f"convert_{size}.json"
+            job = {"mode": "convert", "irpa": str(work / "unet_f32.irpa"), "size": size, "dtype": "float32",
+                   "threads": a.threads, "xml": str(ov_xml(work, size)), "out": str(out)}
+            s, rss = run_child(worker + [json.dumps(job)], logs / f"convert_openvino_{size}.log")
+            info = json.loads(out.read_text())
+            results["stages"].append({"stage": "openvino convert", "size": size, "dtype": "float32", "seconds": s,
+                                      "peak_rss_gib": rss, "convert_s": info["convert_s"], "ir_gib": info["ir_gib"]})
 
-    worker = [sys.executable, str(ROOT / "bench" / "worker.py")]
     for size in a.sizes:
-        specs = [runner_spec("eager", d, work, size) for d in a.eager_dtypes]
+        specs = [runner_spec("eager", d, work, size) for d in eager_dtypes]
         specs += [runner_spec("iree", d, work, size) for d in a.iree_dtypes]
+        specs += [runner_spec(kind, d, work, size) for kind in a.peers for d in peer_types]
         reference = work / f"ref_{size}.safetensors"
         # The fp32 eager probe goes first: it writes the reference the others compare to.
         for spec in specs:
+            label = f"{spec['kind']}_{spec['dtype']}"
             print(f"probe {size} {spec['kind']} {spec['dtype']}", flush=True)
-            out = work / f"probe_{size}_{spec['kind']}_{spec['dtype']}.json"
+            out = work / f"probe_{size}_{label}.json"
             job = dict(spec, mode="probe", threads=a.threads, reference=str(reference), out=str(out))
-            run_child(worker + [json.dumps(job)], logs / f"probe_{size}_{spec['kind']}_{spec['dtype']}.log")
+            run_child(worker + [json.dumps(job)], logs / f"probe_{size}_{label}.log")
             results["probes"].append(json.loads(out.read_text()))
         # One timing process per runner, alternating it with torch eager fp32: every ratio is measured
         # side by side, and no process holds more than two models (two full-size IREE runners with their
-        # packed weights do not fit 24 GB beside torch's).
+        # packed weights do not fit 24 GB beside torch's). A runner named by --alone runs by itself, and an
+        # eager fp32 process of its own gives its ratio.
         base = specs[0]
-        for spec in specs[1:] or [base]:
-            label = f"{spec['kind']}_{spec['dtype']}"
-            print(f"timing {size}: eager float32 and {label} alternating, {a.repeat} calls each", flush=True)
+        alone = [s for s in specs[1:] if matches(s, a.alone)]
+        jobs = [[base, s] for s in specs[1:] if s not in alone]
+        if alone or len(specs) == 1:
+            jobs.append([base])
+        jobs += [[s] for s in alone]
+        for pair in jobs:
+            spec = pair[-1]
+            label = f"{spec['kind']}_{spec['dtype']}" + ("_alone" if len(pair) == 1 else "")
+            what = f"eager float32 and {spec['kind']} {spec['dtype']} alternating" if len(pair) == 2 else \
+                f"{spec['kind']} {spec['dtype']} alone"
+            print(f"timing {size}: {what}, {a.repeat} calls each", flush=True)
             out = work / f"timing_{size}_{label}.json"
-            pair = [base, spec] if spec is not base else [base]
-            job = {"mode": "timing", "runners": pair, "threads": a.threads, "repeat": a.repeat, "out": str(out)}
+            # OpenVINO beside eager fp32: converted in the process from eager's model, sharing its weights.
+            runners = [dict(s, share=len(pair) == 2) if s["kind"] == "openvino" else s for s in pair]
+            job = {"mode": "timing", "runners": runners, "threads": a.threads, "repeat": a.repeat, "out": str(out)}
             run_child(worker + [json.dumps(job)], logs / f"timing_{size}_{label}.log")
             results["timings"].append(json.loads(out.read_text()))
 
-    results["host"] = host()
+    results["host"] = machine
     Path(a.json or work / "results.json").write_text(json.dumps(results, indent=2))
-    write_report(results, Path(a.out), a)
+    write_report(results, Path(a.out))
     print(f"wrote {a.out}")
+
+
+ISA_FLAGS = {"avx2": "avx2", "avx512f": "avx512f", "avx512_vnni": "avx512_vnni", "avx512_bf16": "avx512_bf16",
+             "amx": "amx_bf16"}
 
 
 def host() -> dict:
     import torch
 
+    report = bench_module("report")
+
     cpu = platform.machine()
-    flags = ""
+    flags: set[str] = set()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
         if line.startswith("flags") and not flags:
-            flags = line
+            flags = set(line.split(":", 1)[1].split())
     from punet.compile import compiler_version
 
+    try:
+        import openvino
+
+        ov_version = openvino.__version__
+    except ImportError:
+        ov_version = None
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "flags": {name: flag in flags for name, flag in ISA_FLAGS.items()},
         "avx512_bf16": "avx512_bf16" in flags,
         "amx": "amx_bf16" in flags,
+        "ghz": report.cpu_ghz(),
+        "fp32_flop_per_cycle": report.fp32_flop_per_cycle(),
         "torch": torch.__version__,
         "iree_compiler": compiler_version(),
+        "openvino": ov_version,
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
     }
 
 
-def write_report(results: dict, out: Path, a) -> None:
-    sys.path.insert(0, str(ROOT / "bench"))
-    from report import render
+def bench_module(name: str):
+    """bench/<name>.py as a module (not through sys.path: see above)."""
+    import importlib.util
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text, chart = render(results, a.threads, TFLOP_PER_CALL, out.parent)
-    out.write_text(text)
+    if f"bench_{name}" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[f"bench_{name}"]
+
+
+def write_report(results: dict, out: Path) -> None:
+    bench_module("report").write_report(results, out)
 
 
 if __name__ == "__main__":

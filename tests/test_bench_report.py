@@ -1,0 +1,116 @@
+"""bench/report.py writes the suite's section between its markers and keeps the hand-written text around it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import report  # noqa: E402
+
+HAND = "# Benchmarks: full-size SDXL UNet\n\n## CPU (an earlier machine)\n\nHand-written figures: 7.56 s.\n"
+
+
+def timing(size, runners, rss=1.0):
+    return {"size": size, "threads": 2, "peak_rss_gib": rss,
+            "runners": {n: {"median_s": m, "min_s": m * 0.9, "samples_s": [m]} for n, m in runners.items()}}
+
+
+def probe(size, name, rel):
+    return {"runner": name, "size": size, "load_s": 0.5, "first_call_s": 1.5, "peak_rss_gib": 2.0,
+            "rel_l2_vs_eager_fp32": rel, "inputs": {"sample": [[1, 4, size // 8, size // 8], "float32"]}}
+
+
+# Per size: eager fp32 medians differ per process, so a wrong pairing gives a wrong ratio.
+MEDIANS = {
+    64: {"iree float32": (2.0, 1.0), "compile float32": (2.2, 1.1), "openvino float32": (2.4, 0.6)},
+    128: {"iree float32": (8.0, 10.0), "compile float32": (8.8, 4.4), "openvino float32": (9.6, 3.2)},
+}
+
+
+def fake_results() -> dict:
+    timings, probes = [], []
+    for size, runs in MEDIANS.items():
+        probes.append(probe(size, "eager float32", 0.0))
+        for name, (base, median) in runs.items():
+            timings.append(timing(size, {"eager float32": base, name: median}))
+            probes.append(probe(size, name, 1e-6))
+    # 128: OpenVINO bf16 timed alone, with an eager fp32 process of its own.
+    timings += [timing(128, {"eager float32": 10.0}), timing(128, {"openvino bfloat16": 2.5})]
+    return {
+        "host": {"cpu": "Fake CPU 9000", "cores": 2, "flags": {f: f != "amx" for f in report.ISA_FLAGS},
+                 "avx512_bf16": True, "amx": False, "ghz": 2.0, "fp32_flop_per_cycle": 64, "torch": "2.x",
+                 "iree_compiler": "IREE 3.x", "openvino": "2026.x", "python": "3.11", "date": "2026-01-01"},
+        "threads": 2,
+        "command": "python bench/suite.py --sizes 64 128",
+        "tflop_per_call": {"128": 0.256},  # 64 unknown: blank floor
+        "model": {"config": "/tmp/tiny.json", "parameters": 1234},
+        "stages": [{"stage": "openvino convert", "size": 64, "dtype": "float32", "seconds": 3.0, "peak_rss_gib": 1.0}],
+        "timings": timings,
+        "probes": probes,
+    }
+
+
+def table_row(text: str, size: int, label: str) -> list[str]:
+    found = [line for line in text.splitlines() if line.startswith(f"| {size}x{size} | {label} |")]
+    assert len(found) == 1, (size, label, found)
+    return [c.strip() for c in found[0].strip("|").split("|")]
+
+
+@pytest.mark.parametrize("chart", [False, True])
+def test_section_replaces_itself_and_keeps_hand_text(tmp_path, chart):
+    if chart:
+        pytest.importorskip("matplotlib")
+    out = tmp_path / "benchmarks.md"
+    out.write_text(HAND + "\n## Reproduce\n\nby hand\n")
+    results = fake_results()
+    report.write_report(results, out, chart=chart)
+    first = out.read_text()
+    report.write_report(results, out, chart=chart)
+    text = out.read_text()
+    assert text == first  # rerun: replaced, not duplicated
+    assert text.startswith("# Benchmarks: full-size SDXL UNet\n\n" + report.BEGIN)
+    assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
+    assert "Hand-written figures: 7.56 s." in text and text.rstrip().endswith("by hand")
+    section = text[text.index(report.BEGIN):text.index(report.END)]
+    assert "Fake CPU 9000" in section and "avx512_bf16 yes" in section and "amx no" in section
+    for size, runs in MEDIANS.items():
+        assert table_row(section, size, "torch eager fp32")[5] == "1.00x"
+        for name, (base, median) in runs.items():
+            row = table_row(section, size, report.label(name))
+            assert row[2] == "paired"
+            assert row[5] == f"{base / median:.2f}x"
+    alone = table_row(section, 128, "OpenVINO bf16")
+    assert alone[2] == "alone" and alone[5] == f"{10.0 / 2.5:.2f}x"
+    assert table_row(section, 128, "torch eager fp32")[2] == "alone"
+    # FLOP floor: 0.256 TFLOP / (2 GHz x 64 x 2 threads = 0.256 TFLOP/s) = 1 s; blank for the unknown size.
+    assert table_row(section, 128, "IREE fp32")[6] == "10%"
+    assert table_row(section, 64, "IREE fp32")[6] == ""
+    assert table_row(section, 64, "OpenVINO fp32")[9] == "3.0"  # the convert stage
+    assert (tmp_path / "benchmarks.png").is_file() == chart
+
+    # Edits outside the section survive a rerun; a new result replaces the old section.
+    out.write_text(text + "\nadded later\n")
+    results["timings"][0]["runners"]["iree float32"]["median_s"] = 4.0
+    report.write_report(results, out, chart=False)
+    text = out.read_text()
+    assert text.count(report.BEGIN) == 1 and text.rstrip().endswith("added later")
+    assert table_row(text, 64, "IREE fp32")[5] == "0.50x"
+
+
+def test_markers_added_to_a_file_without_title_or_missing(tmp_path):
+    out = tmp_path / "new" / "b.md"
+    report.write_report(fake_results(), out, chart=False)
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\n" + report.BEGIN) and text.count(report.END) == 1
+    plain = tmp_path / "plain.md"
+    plain.write_text("notes only\n")
+    report.write_report(fake_results(), plain, chart=False)
+    assert plain.read_text().startswith(report.BEGIN) and plain.read_text().endswith("notes only\n")
+    plain.write_text(f"{report.BEGIN}\n{report.BEGIN}\n{report.END}\n")
+    with pytest.raises(ValueError):
+        report.write_report(fake_results(), plain, chart=False)
