@@ -475,8 +475,11 @@ def cmd_pack(args) -> int:
     if args.output and Path(args.output).suffix != ".irpa":
         raise UsageError(f"-o {args.output}: expected a .irpa file name (an IREE parameter archive)")
     with _working("packing weights"):
-        res = pack_weights(args.vmfb, args.irpa, args.output, progress=_say)
-    print(f"wrote {res.path} ({res.bytes / 2**30:.2f} GiB) in {res.seconds:.1f} s")
+        res = pack_weights(args.vmfb, args.irpa, args.output, force=args.force, progress=_say)
+    if res.reused:
+        print(f"{res.path} is up to date (reused; --force packs again)")
+    else:
+        print(f"wrote {res.path} ({res.bytes / 2**30:.2f} GiB) in {res.seconds:.1f} s")
     return 0
 
 
@@ -816,6 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vmfb", help="module compiled with `punet compile --pack-weights` (its encoder beside it)")
     p.add_argument("irpa", help="the unpacked archive from `punet import`")
     p.add_argument("-o", "--output", help="output .irpa (default: the module's name with .irpa)")
+    p.add_argument("--force", action="store_true", help="pack again even if an up-to-date packed archive exists")
     p.set_defaults(func=cmd_pack)
 
     p = verb(

@@ -118,3 +118,23 @@ def test_cli_pack_and_run(packed, tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_cli("run", str(packed["vmfb"]), "--irpa", str(packed["irpa"]), "-o", str(tmp_path / "o2.safetensors"))
     assert r.returncode != 0 and "punet pack" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pack_reuses_an_up_to_date_archive(packed, tmp_path):
+    # Catches: reuse keyed on the file name only (weights changed or module rebuilt, stale packing served).
+    out = tmp_path / "r.irpa"
+    assert not pack_weights(packed["vmfb"], packed["irpa"], out).reused
+    again = pack_weights(packed["vmfb"], packed["irpa"], out)
+    assert again.reused and again.path == out
+    meta = read_metadata(out)
+    assert meta["packed"]["vmfb_sha256"] and not pack_weights(packed["vmfb"], packed["irpa"], out, force=True).reused
+
+
+def test_bench_of_a_packed_module(packed):
+    # Catches: the printed iree-benchmark-module line serving packed weights under "model" (it would not
+    # load), or torch eager handed the packed archive (it cannot read it).
+    from punet.runtime.bench import benchmark_command
+
+    session = Session.load(packed["vmfb"], packed["packed"])
+    assert f"--parameters=encoded={packed['packed']}" in benchmark_command(session, 2)
+    assert session.eager_archive() == packed["irpa"]

@@ -148,16 +148,43 @@ class Session:
         index = rt.ParameterIndex()
         for path in files:
             index.load(str(path), mmap=True)
-        provider = index.create_provider(scope=scope)
-        params = rt.create_io_parameters_module(rt_config.vm_instance, provider)
+        providers = [index.create_provider(scope=scope)]
+        packed_from = Path(meta["packed"]["source"]) if "packed" in meta else None
+        if packed_from is not None and packed_from.is_file():
+            # Some packed modules (e.g. with im2col convolutions) still read a few weights as they are.
+            source = rt.ParameterIndex()
+            source.load(str(packed_from), mmap=True)
+            providers.append(source.create_provider(scope=SCOPE))
+        params = rt.create_io_parameters_module(rt_config.vm_instance, *providers)
         module = rt.VmModule.mmap(rt_config.vm_instance, str(vmfb))
-        session._modules = rt.load_vm_modules(params, module, config=rt_config)
+        try:
+            session._modules = rt.load_vm_modules(params, module, config=rt_config)
+        except ValueError as e:
+            if packed_from is None or f"scopes like '{SCOPE}'" not in str(e):
+                raise
+            raise PunetError(
+                f"{vmfb.name} also reads unpacked weights from the archive {irpa.name} was packed from "
+                f"({packed_from}), which is gone"
+            ) from None
         session.entries = {e.name: e for e in session.signature.entries(session.config)}
         session._fns = {name: getattr(session._modules[-1], name) for name in session.entries}
         session._fn = None if session.signature.scheduled else session._fns[info["entry"]]
         session._index = index
+        session.parameter_scope = scope
+        session.packed_from = packed_from
         session.parameter_files = files  # the archive, and its rank files for a tensor-parallel module
         return session
+
+    def eager_archive(self) -> Path:
+        """The archive torch eager loads for this session's weights: a packed archive's source."""
+        if self.packed_from is None:
+            return self.irpa
+        if not self.packed_from.is_file():
+            raise PunetError(
+                f"{self.irpa.name} holds packed weights, which torch eager cannot read, and the archive it was "
+                f"packed from ({self.packed_from}) is gone"
+            )
+        return self.packed_from
 
     def upload(self, spec: TensorSpec, t: torch.Tensor) -> Any:
         """One tensor as a device buffer (shape and dtype checked against `spec`)."""

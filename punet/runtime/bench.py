@@ -87,7 +87,7 @@ def benchmark_command(session: Session, threads: int | None) -> str:
     parts = [
         "iree-benchmark-module",
         f"--module={session.vmfb}",
-        *(f"--parameters=model={p}" for p in getattr(session, "parameter_files", [session.irpa])),
+        *(f"--parameters={session.parameter_scope}={p}" for p in session.parameter_files),
         *[f"--device={session.device}"] * session.signature.devices,
         f"--function={session.info['entry']}",
     ]
@@ -183,10 +183,10 @@ def benchmark(
     session = Session.load(vmfb, irpa, device, exact_weights=exact_weights, progress=say)
     if vs_eager:
         torch.set_num_threads(threads)
-    if session.signature.scheduled:
-        iree_once, eager_once = _scheduled_runners(session, irpa, seed, vs_eager)
-    else:
-        iree_once, eager_once = _step_runners(session, irpa, seed, vs_eager)
+    # torch cannot read packed weights: eager loads the archive they were packed from
+    eager_irpa = session.eager_archive() if vs_eager else irpa
+    runners = _scheduled_runners if session.signature.scheduled else _step_runners
+    iree_once, eager_once = runners(session, eager_irpa, seed, vs_eager)
 
     for i in range(warmup):
         if progress:

@@ -42,6 +42,7 @@ class PackResult:
     path: Path
     seconds: float
     bytes: int
+    reused: bool = False
 
 
 def packed_name(vmfb: str | Path) -> Path:
@@ -76,6 +77,19 @@ def check_packed(info: dict[str, Any], meta: dict[str, Any], vmfb: Path, irpa: P
             f"{mine['vmfb_sha256'][:12]}); pack again: punet pack {vmfb} {mine['source']}"
         )
     return packed["scope"]
+
+
+def _up_to_date(output: Path, vmfb_digest: str, weights_digest: str) -> bool:
+    from ..weights import read_metadata
+
+    if not output.is_file():
+        return False
+    try:
+        meta = read_metadata(output)
+    except PunetError:
+        return False
+    packed = meta.get("packed") or {}
+    return packed.get("vmfb_sha256") == vmfb_digest and meta.get("weights_sha256") == weights_digest
 
 
 def _text(lst, i: int) -> str:
@@ -119,9 +133,13 @@ def pack_weights(
     irpa: str | Path,
     output: str | Path | None = None,
     *,
+    force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> PackResult:
-    """Write the archive `vmfb` (compiled with --pack-weights) loads: `irpa`'s weights, packed by its encoder."""
+    """Write the archive `vmfb` (compiled with --pack-weights) loads: `irpa`'s weights, packed by its encoder.
+
+    An existing output packed from the same weights for this very module is reused unless `force`.
+    """
     import numpy as np
     import iree.runtime as rt
 
@@ -145,6 +163,9 @@ def pack_weights(
     check_archive_fits(info, meta, vmfb, irpa)
     output = Path(output) if output else packed_name(vmfb)
     check_output(output)
+    vmfb_digest = sha256_file(vmfb)
+    if not force and _up_to_date(output, vmfb_digest, meta["weights_sha256"]):
+        return PackResult(output, 0.0, output.stat().st_size, reused=True)
 
     t0 = time.perf_counter()
     config = rt.Config("local-task")
@@ -165,7 +186,7 @@ def pack_weights(
         **{k: v for k, v in meta.items() if k not in ("format", "punet_version", "created")},
         "packed": {
             "vmfb": vmfb.name,
-            "vmfb_sha256": sha256_file(vmfb),
+            "vmfb_sha256": vmfb_digest,
             "target": info["target"],
             "flags": info["flags"],
             "source": str(irpa),
