@@ -136,5 +136,6 @@ def test_bench_of_a_packed_module(packed):
     from punet.runtime.bench import benchmark_command
 
     session = Session.load(packed["vmfb"], packed["packed"])
-    assert f"--parameters=encoded={packed['packed']}" in benchmark_command(session, 2)
+    line = benchmark_command(session, 2)
+    assert f"--parameters=encoded={packed['packed']} --parameters=model={packed['irpa']}" in line
     assert session.eager_archive() == packed["irpa"]

@@ -303,7 +303,7 @@ def test_benchmark_command_names_every_dtype():
     from punet import UNetConfig
 
     config = UNetConfig.from_dict(MICRO_SDXL)
-    session = SimpleNamespace(vmfb="m.vmfb", irpa="p.irpa", device="local-task", info={"entry": "main"},
+    session = SimpleNamespace(vmfb="m.vmfb", parameters=[("model", "p.irpa")], device="local-task", info={"entry": "main"},
                               config=config, signature=Signature(1, H, W, "float16", tokens=8))
     assert benchmark_command(session, 2) == (
         "iree-benchmark-module --module=m.vmfb --parameters=model=p.irpa --device=local-task --function=main "

@@ -170,9 +170,10 @@ class Session:
         session._fns = {name: getattr(session._modules[-1], name) for name in session.entries}
         session._fn = None if session.signature.scheduled else session._fns[info["entry"]]
         session._index = index
-        session.parameter_scope = scope
         session.packed_from = packed_from
-        session.parameter_files = files  # the archive, and its rank files for a tensor-parallel module
+        # (scope, file) as iree-run-module's --parameters takes them: the archive (and a tensor-parallel
+        # module's rank files), and a packed archive's source
+        session.parameters = [(scope, p) for p in files] + ([(SCOPE, packed_from)] if len(providers) > 1 else [])
         return session
 
     def eager_archive(self) -> Path:

@@ -87,7 +87,7 @@ def benchmark_command(session: Session, threads: int | None) -> str:
     parts = [
         "iree-benchmark-module",
         f"--module={session.vmfb}",
-        *(f"--parameters={session.parameter_scope}={p}" for p in session.parameter_files),
+        *(f"--parameters={scope}={path}" for scope, path in session.parameters),
         *[f"--device={session.device}"] * session.signature.devices,
         f"--function={session.info['entry']}",
     ]
