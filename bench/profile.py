@@ -646,6 +646,7 @@ def phase_iree(a: dict) -> dict:
     calls = a["iree_calls"]
     cmd = [
         iree_tool("iree-benchmark-module"), f"--module={a['vmfb']}", f"--parameters=model={a['irpa']}",
+        *([f"--parameters={info['packed']['scope']}={a['packed']}"] if a.get("packed") else []),
         "--device=local-task", f"--function={info['entry']}", *[f"--input=@{p}" for p in inputs],
         f"--task_topology_max_group_count={a['threads']}", f"--benchmark_min_time={calls}x",
         "--device_profiling_mode=host-execution", f"--device_profiling_output={prof}",
@@ -1340,6 +1341,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--irpa", help="fp32 parameter archive from `punet import`")
     p.add_argument("--vmfb", help="`punet compile --target cpu` module (its build record .json beside it)")
+    p.add_argument("--packed", help="the packed archive of a module compiled with --pack-weights (`punet pack`); "
+                   "--irpa stays the unpacked one torch and OpenVINO read")
     p.add_argument("--size", type=int, default=256, help="image size in pixels (default 256)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="docs/cpu-profile.md")
@@ -1371,7 +1374,10 @@ def main() -> None:
     keep = a.work is not None
     work = Path(a.work or tempfile.mkdtemp(prefix="punet-profile-"))
     work.mkdir(parents=True, exist_ok=True)
+    if a.vmfb and json.loads(Path(a.vmfb + ".json").read_text()).get("packed") and not a.packed:
+        p.error(f"{a.vmfb} reads packed weights: give them with --packed (punet pack)")
     args = {**vars(a), "irpa": str(Path(a.irpa).resolve()), "vmfb": str(Path(a.vmfb).resolve()) if a.vmfb else None,
+            "packed": str(Path(a.packed).resolve()) if a.packed else None,
             "work": str(work), "argv": sys.argv[1:]}
     (work / "args.json").write_text(json.dumps(args, indent=1))
     phases = ["peak", "flops"] + [r for r in RUNNERS if r in a.runners]

@@ -14,7 +14,7 @@ import torch
 
 from punet.builtin import write_checkpoint
 from punet.compile import compile_vmfb
-from punet.compile.targets import PACKED_DROPPED
+from punet.compile.targets import PACKED_ADDED, PACKED_DROPPED
 from punet.eager import call_model
 from punet.errors import PunetError, UsageError
 from punet.export import export_mlir
@@ -50,7 +50,7 @@ def test_packed_module_matches_unpacked_and_eager(packed):
     want = Session.load(packed["unpacked_vmfb"], packed["irpa"])(x)
     model, _ = load_model(packed["irpa"])
     eager = call_model(model, x)
-    assert rel_l2(got, want) <= 1e-6
+    assert rel_l2(got, want) <= 1e-5  # im2col convolutions sum in another order: not bit-identical
     assert rel_l2(got, eager) <= 1e-5
     assert got.abs().max() > 0
 
@@ -65,6 +65,7 @@ def test_packed_archive_records_its_module_and_source(packed):
     info = json.loads((packed["vmfb"].parent / (packed["vmfb"].name + ".json")).read_text())
     assert info["packed"]["encoder"] == packed["vmfb"].stem + ".encoder.vmfb"
     assert not set(PACKED_DROPPED) & set(info["flags"])  # packed builds keep the projections on the microkernels
+    assert set(PACKED_ADDED) <= set(info["flags"])
     assert not list(packed["root"].glob("*.tmp")) and not list(packed["mlir"].parent.glob("*.encoder.*.mlir"))
 
 

@@ -31,7 +31,8 @@ def test_readme_block_is_what_this_test_runs():
     """The block has every verb (so this test covers the README, not a subset of it)."""
     verbs = {shlex.split(c)[1] for c in readme_commands()}
     assert verbs == {
-        "import", "run", "reference", "compare", "export", "compile", "bench", "generate", "quantize", "shard", "demo"
+        "import", "run", "reference", "compare", "export", "compile", "pack", "bench", "generate", "quantize", "shard",
+        "demo",
     }
 
 
