@@ -10,7 +10,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from punet.builtin import write_checkpoint
 from punet.compile import compile_vmfb
