@@ -126,7 +126,8 @@ def render(results: dict, chart: Path | None = None) -> str:
         f"- Model: `{config}` with random weights"
         + (f" ({params:,} parameters)" if params else "")
         + (", the real SDXL base config" if model.get("full_size_sdxl") else "")
-        + "; batch 1, no CFG; IREE target `cpu` (tuned flags, see `punet compile --list-targets`).",
+        + "; batch 1, no CFG; IREE: `punet compile --target cpu --pack-weights` + `punet pack` (the tuned flags with "
+        "weights packed once and used in place; docs/cpu-tuning.md).",
     ]
     shapes = {}
     for p in results["probes"]:

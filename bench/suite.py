@@ -34,12 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-# Run as a script, bench/ comes first on sys.path, and its scripts would shadow the standard library's
-# modules of the same name (bench/profile.py hides `profile`): bench modules are loaded by path instead.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
-from punet.compile import get_target  # noqa: E402
+from punet.compile import get_target
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT.parent / "shared" / "configs" / "sdxl-base-1.0-unet.json"
@@ -298,7 +293,7 @@ def host() -> dict:
 
 
 def bench_module(name: str):
-    """bench/<name>.py as a module (not through sys.path: see above)."""
+    """bench/<name>.py as a module, wherever the suite is imported from."""
     import importlib.util
 
     if f"bench_{name}" not in sys.modules:

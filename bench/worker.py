@@ -17,20 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-# Run as a script, bench/ comes first on sys.path, and its scripts would shadow the standard library's
-# modules of the same name (bench/profile.py hides `profile`, which torch.compile imports).
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+import torch
 
-import torch  # noqa: E402
-
-from punet.compare import compare_tensors  # noqa: E402
-from punet.config import UNetConfig  # noqa: E402
-from punet.eager import call_model  # noqa: E402
-from punet.runtime import Session, set_threads  # noqa: E402
-from punet.signature import Signature, make_inputs  # noqa: E402
-from punet.tensors import load_tensors, save_tensors  # noqa: E402
-from punet.weights import load_model, read_metadata  # noqa: E402
+from punet.compare import compare_tensors
+from punet.config import UNetConfig
+from punet.eager import call_model
+from punet.runtime import Session, set_threads
+from punet.signature import Signature, make_inputs
+from punet.tensors import load_tensors, save_tensors
+from punet.weights import load_model, read_metadata
 
 # OpenVINO's CPU plugin computes in the precision hint; the IR itself is float32 (see openvino_runner).
 OV_PRECISION = {"float32": "f32", "bfloat16": "bf16"}
