@@ -969,6 +969,14 @@ def shorten(name: str, n: int = 90) -> str:
     return name if len(name) <= n else name[: n - 1] + "…"
 
 
+def top_table(title: str, intro: str, columns: list[str], text_columns: int, rows: list[list]) -> list[str]:
+    """A '## title' section: the intro, then a numbered table (the first `text_columns` columns left-aligned)."""
+    lines = [f"## {title}", "", intro, "", "| # | " + " | ".join(columns) + " |",
+             "| ---: |" + " --- |" * text_columns + " ---: |" * (len(columns) - text_columns)]
+    lines += [f"| {i} | " + " | ".join(str(c) for c in row) + " |" for i, row in enumerate(rows, 1)]
+    return lines + [""]
+
+
 def md_escape(s: str) -> str:
     return s.replace("|", "\\|")  # a table cell, even inside a code span
 
@@ -1120,49 +1128,36 @@ def render(res: dict, a: dict) -> str:
     L.append("")
     if "iree" in res:
         ir = res["iree"]
-        L.append("## IREE: top 15 dispatch functions")
-        L.append("")
-        L.append(f"Host-execution profile of call {len(ir['calls'])} of {len(ir['calls'])} (calls: "
-                 + ", ".join(f"{c['span_s']:.3f} s" for c in ir["calls"]) + "). *threads busy* = summed tile time / "
-                 f"(wall x {a['threads']}): below 100% the workers idle inside the dispatch.")
-        L.append("")
-        L.append("| # | dispatch function | kind | calls | s | % of call | threads busy |")
-        L.append("| ---: | --- | --- | ---: | ---: | ---: | ---: |")
         fns = sorted(ir["functions"].items(), key=lambda kv: -kv[1]["s"])[:15]
-        for i, (name, f) in enumerate(fns, 1):
-            busy = f["tile_s"] / (f["s"] * a["threads"]) if f["s"] else 0
-            L.append(f"| {i} | `{md_escape(shorten(name))}` | {f['kind']} | {f['count']} | {fmt_s(f['s'])} | "
-                     f"{pct(f['s'] / ir['total_s'])} | {pct(busy)} |")
-        L.append("")
+        L += top_table(
+            "IREE: top 15 dispatch functions",
+            f"Host-execution profile of call {len(ir['calls'])} of {len(ir['calls'])} (calls: "
+            + ", ".join(f"{c['span_s']:.3f} s" for c in ir["calls"]) + "). *threads busy* = summed tile time / "
+            f"(wall x {a['threads']}): below 100% the workers idle inside the dispatch.",
+            ["dispatch function", "kind", "calls", "s", "% of call", "threads busy"], 2,
+            [[f"`{md_escape(shorten(name))}`", f["kind"], f["count"], fmt_s(f["s"]), pct(f["s"] / ir["total_s"]),
+              pct(f["tile_s"] / (f["s"] * a["threads"]) if f["s"] else 0)] for name, f in fns],
+        )
     if "torch" in res:
         t = res["torch"]
-        L.append("## torch eager: top 15 ops")
-        L.append("")
-        L.append(f"Profiled call {t['total_s']:.3f} s (the same call unprofiled: {t['unprofiled_call_s']:.3f} s; "
-                 f"warm-up {t['warmup_s']:.3f} s). Self time of the op and everything below it, by op and input "
-                 "shapes.")
-        L.append("")
-        L.append("| # | op | input shapes | kind | calls | s | % of call |")
-        L.append("| ---: | --- | --- | --- | ---: | ---: | ---: |")
-        for i, o in enumerate(t["top"][:15], 1):
-            L.append(f"| {i} | `{o['op']}` | {md_escape(shorten(o['shapes'], 70))} | {o['kind']} | {o['count']} | "
-                     f"{fmt_s(o['s'])} | {pct(o['s'] / t['total_s'])} |")
-        L.append("")
+        L += top_table(
+            "torch eager: top 15 ops",
+            f"Profiled call {t['total_s']:.3f} s (the same call unprofiled: {t['unprofiled_call_s']:.3f} s; "
+            f"warm-up {t['warmup_s']:.3f} s). Self time of the op and everything below it, by op and input shapes.",
+            ["op", "input shapes", "kind", "calls", "s", "% of call"], 3,
+            [[f"`{o['op']}`", md_escape(shorten(o["shapes"], 70)), o["kind"], o["count"], fmt_s(o["s"]),
+              pct(o["s"] / t["total_s"])] for o in t["top"][:15]],
+        )
     if "openvino" in res:
         o = res["openvino"]
-        L.append("## OpenVINO: top 15 nodes")
-        L.append("")
-        L.append(f"Profiled call {o['total_s']:.3f} s (warm-up {o['warmup_s']:.3f} s; convert_model "
-                 f"{o['convert_s']:.1f} s, compile_model {o['compile_s']:.1f} s), {o['executed_nodes']} executed "
-                 "nodes.")
-        L.append("")
-        L.append("| # | node | type | kernel | kind | s | % of call |")
-        L.append("| ---: | --- | --- | --- | --- | ---: | ---: |")
-        for i, n in enumerate(o["top"][:15], 1):
-            L.append(f"| {i} | `{md_escape(shorten(n['name'].replace('__module.m.', '', 1)))}` | {n['type']} | "
-                     f"{n['exec']} | {n['kind']} | "
-                     f"{fmt_s(n['s'])} | {pct(n['s'] / o['total_s'])} |")
-        L.append("")
+        L += top_table(
+            "OpenVINO: top 15 nodes",
+            f"Profiled call {o['total_s']:.3f} s (warm-up {o['warmup_s']:.3f} s; convert_model "
+            f"{o['convert_s']:.1f} s, compile_model {o['compile_s']:.1f} s), {o['executed_nodes']} executed nodes.",
+            ["node", "type", "kernel", "kind", "s", "% of call"], 4,
+            [[f"`{md_escape(shorten(n['name'].replace('__module.m.', '', 1)))}`", n["type"], n["exec"], n["kind"],
+              fmt_s(n["s"]), pct(n["s"] / o["total_s"])] for n in o["top"][:15]],
+        )
     L.append("## Method")
     L.append("")
     L.append("- Each phase ran in its own process, one after another (seconds; peak RSS / of it anonymous, "
