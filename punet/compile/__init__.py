@@ -243,14 +243,16 @@ def compile_vmfb(
         seconds = time.perf_counter() - t0
     log_path.unlink(missing_ok=True)
     command = [iree_compile(), str(source.resolve()), "-o", str(output.resolve()), *flags]
-    if encoder:
-        command.append(f"--iree-parameter-encoder-output-file={encoder.with_suffix('.mlir').resolve()}")
+    encoder_command = []
+    if encoder:  # the script writes the encoder's .mlir beside it, then compiles it
+        enc_mlir = encoder.with_suffix(".mlir").resolve()
+        command.append(f"--iree-parameter-encoder-output-file={enc_mlir}")
+        encoder_command = [iree_compile(), str(enc_mlir), "-o", str(encoder.resolve()), *t.flags]
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     script = f"#!/bin/sh\n# {compiler_version()}; punet {__version__}; target {t.name} " \
              f"({'tuned' if plan.tuned else 'plain'} flags{', packed weights' if encoder else ''})\n{shlex.join(command)}\n"
-    if encoder:
-        enc_mlir = encoder.with_suffix(".mlir").resolve()
-        script += shlex.join([iree_compile(), str(enc_mlir), "-o", str(encoder.resolve()), *t.flags]) + "\n"
+    if encoder_command:
+        script += shlex.join(encoder_command) + "\n"
     write_text_atomic(compile_script_path(output), script)
     write_json_atomic(
         info_path,

@@ -182,8 +182,8 @@ def pack_weights(
     if progress:
         progress(f"packing {irpa.name} for {vmfb.name}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
                  f"{total / 2**30:.2f} GiB")
-    stamp = {
-        **{k: v for k, v in meta.items() if k not in ("format", "punet_version", "created")},
+    stamp = {  # _stamped renews the format, version and creation time
+        **meta,
         "packed": {
             "vmfb": vmfb.name,
             "vmfb_sha256": vmfb_digest,
