@@ -181,6 +181,8 @@ def main() -> None:
         except Exception as e:  # a missing driver is reported; the other runners still run
             print(f"  skip {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
             report["rows"].append({"runner": name, "error": f"{type(e).__name__}: {e}"[:2000]})
+            if a.json:
+                Path(a.json).write_text(json.dumps(report, indent=2))
             continue
         record(name, load_s, ms, out)
         session = args = None  # release the device buffers before the next module

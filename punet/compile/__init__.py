@@ -121,12 +121,6 @@ def plan_compile(t: Target, sig: Signature, config: UNetConfig, *, tuned: bool, 
         )
     if not tuned and t.plain_refused:
         raise PunetError(f"target {t.name} --plain: {t.plain_refused}")
-    m = t.lowp_tokens_multiple_refused
-    if m and sig.dtype != "float32" and sig.tokens % m == 0:
-        raise PunetError(
-            f"target {t.name}, {sig.dtype}, {sig.tokens} text tokens: {t.lowp_tokens_reason}; "
-            f"export with --tokens 77 (or any count not a multiple of {m}), or in float32"
-        )
     note = ""
     if tuned and sig.dtype not in t.tuned_dtypes:
         note = (

@@ -65,9 +65,6 @@ class Target:
     tuned_dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
     tuned_dtype_reason: str = ""
     plain_refused: str = ""  # why `--plain` is refused for this target (measured wrong output), if it is
-    # Low-precision exports whose text length is a multiple of this are refused (measured wrong output).
-    lowp_tokens_multiple_refused: int = 0
-    lowp_tokens_reason: str = ""
     # Quantization schemes (punet.quant) the target compiles; others are refused before iree-compile.
     quant_schemes: tuple[str, ...] = ("int8",)
     quant_reason: str = ""
@@ -202,22 +199,29 @@ _RDNA4_TUNED = _RDNA3_TUNED + (
     _SHARK_PREPROCESS,
 )
 
+# Flags of the target-neutral GPU set that the CUDA set leaves out, and why. Measured on an H200 (sm_80 PTX,
+# docs/repro/cuda-f16-tokens.md): in float16, either flag alone on top of the plain set turns
+# `(x @ W^T).reshape(B, H, W, C).permute(0, 3, 1, 2)` -- every transformer's exit back to NCHW -- wrong
+# (relative L2 0.7-0.99 against torch); without both, every piece of the UNet and the whole tiny and
+# full-size UNets are right at 64 and at 77 text tokens (they were wrong at any multiple of 16 before:
+# GPU runs 4-7), and the full-size CFG step is 3% faster (192.8 vs 198.7 ms at 77 tokens).
+CUDA_DROPPED = {
+    "--iree-opt-generalize-matmul=true": (
+        "IREE 3.13's CUDA code for a float16 matmul whose result is permuted (tokens back to NCHW) is wrong "
+        "with it (docs/repro/cuda-f16-tokens.md)"
+    ),
+    "--iree-opt-aggressively-propagate-transposes=true": (
+        "IREE 3.13's CUDA code for a float16 matmul with the NCHW permute folded into it is wrong "
+        "(docs/repro/cuda-f16-tokens.md)"
+    ),
+}
+
 # CUDA: IREE has no SDXL CUDA configuration of its own; this is the
-# target-neutral part of the ROCm one (the AMD-only hints left out). Keep the
-# horizontal fusion of contractions: on an H100 the SDXL CFG step was wrong
-# without it (relative L2 0.165 vs torch; docs/benchmarks.md, GPU runs 2-3).
-_CUDA_TUNED = _GPU_COMMON + (_FP16_UNET_PREPROCESS,)
-# Measured on an H100 and an H200 (sm_80 PTX; docs/benchmarks.md, GPU runs 4-7): with the tuned set,
-# float16 and bfloat16 CFG steps are wrong (relative L2 0.3-1.1 against torch) whenever the text length
-# is a multiple of 16 (16, 32, 48, 64, 80, 96, 128 tokens tried, full size and tiny model alike) and
-# right otherwise (72, 77); float32 at 64 tokens is right. Not the convolutions (igemm off: still
-# wrong), not the attention form (fused: still wrong).
-_CUDA_ALIGNED_TOKENS = 16
-_CUDA_ALIGNED_TOKENS_REASON = (
-    "IREE 3.13's CUDA code for float16/bfloat16 gives wrong results (relative L2 0.3-1.1 against torch on "
-    "H100/H200) when the text length is a multiple of 16; 72 and 77 tokens, and float32, are right "
-    "(docs/benchmarks.md, GPU runs 4-7)"
-)
+# target-neutral part of the ROCm one (the AMD-only hints left out) without
+# CUDA_DROPPED. Keep the horizontal fusion of contractions: on an H100 the SDXL
+# CFG step was wrong without it (relative L2 0.165 vs torch; docs/benchmarks.md,
+# GPU runs 2-3) -- the unfused projections met the same permuted-matmul bug.
+_CUDA_TUNED = tuple(f for f in _GPU_COMMON if f not in CUDA_DROPPED) + (_FP16_UNET_PREPROCESS,)
 _CUDA_PLAIN_REFUSED = (
     "IREE 3.13's plain CUDA flags miscompile the SDXL UNet (relative L2 1.59 against torch on an H100, "
     "fused or decomposed attention; docs/benchmarks.md); compile without --plain"
@@ -267,7 +271,7 @@ _VULKAN_ATTENTION_NOTE = (
     "iree_linalg_ext.online_attention ('result #0 must be variadic of ranked tensor')."
 )
 
-# What every CUDA target shares: the tuned set, attention decomposed, and the two measured refusals.
+# What every CUDA target shares: the tuned set, attention decomposed, and the measured refusal of --plain.
 _CUDA_RULES = dict(
     backend="cuda",
     driver="cuda",
@@ -276,8 +280,6 @@ _CUDA_RULES = dict(
     decompose_attention_plain=True,
     attention_reason=_CUDA_ATTENTION,
     plain_refused=_CUDA_PLAIN_REFUSED,
-    lowp_tokens_multiple_refused=_CUDA_ALIGNED_TOKENS,
-    lowp_tokens_reason=_CUDA_ALIGNED_TOKENS_REASON,
 )
 
 
