@@ -310,6 +310,29 @@ TARGETS: dict[str, Target] = _table(
         ),
     ),
     Target(
+        name="cpu-avx2",
+        quant_schemes=("int8", "int8-fp8attn"),
+        fp8_dtypes=("float8_e4m3fn", "float8_e4m3fnuz",),
+        quant_flags=_CPU_QUANTIZED,
+        backend="llvm-cpu",
+        driver="local-task",
+        description="Any x86-64 CPU with AVX2, FMA and F16C (x86-64-v3: Intel Haswell, AMD Zen and newer)",
+        flags=_LLVM_CPU
+        + (
+            "--iree-llvmcpu-target-triple=x86_64-unknown-unknown-eabi-elf",
+            "--iree-llvmcpu-target-cpu=x86-64-v3",
+        )
+        + _CPU_ZERO_COPY,
+        tuned_flags=_CPU_TUNED,
+        decompose_attention=True,
+        attention_reason=_CPU_ATTENTION,
+        notes=(
+            "The tuned CPU set for a fleet of AVX2 machines, built on any host: no AVX-512 even where "
+            "the build machine has it (data tiling then packs for AVX2's 8-wide tiles). On an AVX-512 "
+            "host it measures the AVX2 code path (docs/cpu-tuning.md)."
+        ),
+    ),
+    Target(
         name="cpu-generic",
         quant_schemes=("int8", "int8-fp8attn"),
         fp8_dtypes=("float8_e4m3fn", "float8_e4m3fnuz",),

@@ -1,0 +1,115 @@
+"""The SDXL UNet's projection matmuls alone: IREE (punet's packed CPU flags, and variants) vs torch, one process.
+
+    python bench/cpu_matmul.py --size 512 --variant tile-bytes-1m=--iree-llvmcpu-matmul-tile-bytes=1048576
+
+Each shape is `y = x @ W^T + b` with x [1, M, K] and W [N, K] as a parameter (scope "model"), the form
+every attention and feed-forward projection of the UNet takes; M is the token count at that level
+(`--size` 256: 64 / 256 tokens at the two attention levels; 512: 256 / 1024). The module is compiled
+with the flags of `punet compile --target cpu --pack-weights` (data tiling, mmt4d microkernels, im2col,
+no transpose propagation) plus each `--variant NAME=FLAG[,FLAG...]`; its weights are packed when the
+module loads (the same packing `punet pack` does ahead of time), so the timed calls are the matmuls.
+Prints, per shape and runner, the median of `--repeat` calls, GFLOP/s and % of a measured sgemm peak
+(torch.mm 4096^3), and the CPU's model, ISA flags and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# (M at 256x256 / 512x512 latent tokens, N, K): the SDXL UNet's two attention levels (640 and 1280 wide).
+SHAPES = {
+    "q/k/v/out 640": ((256, 1024), 640, 640),
+    "geglu 640": ((256, 1024), 5120, 640),
+    "ff out 640": ((256, 1024), 640, 2560),
+    "q/k/v/out 1280": ((64, 256), 1280, 1280),
+    "geglu 1280": ((64, 256), 10240, 1280),
+    "ff out 1280": ((64, 256), 1280, 5120),
+}
+
+
+def cpu_line() -> str:
+    """lscpu's model name and the vector ISA flags that matter for fp32/bf16 matmuls."""
+    info = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+                if ":" in line)
+    flags = info.get("Flags", "").split()
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{info.get('Model name', '?').strip()} ({' '.join(isa)})"
+
+
+def timed(fn, repeat: int) -> float:
+    fn()
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, choices=[256, 512], default=512)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--variant", action="append", default=[], help="NAME=FLAG[,FLAG...] added to the packed flag set")
+    p.add_argument("--shapes", nargs="*", choices=list(SHAPES), default=list(SHAPES))
+    a = p.parse_args()
+
+    import iree.runtime as rt
+    from iree.turbine import aot
+
+    from punet.compile.targets import compile_flags, get_target, packed_flags
+
+    torch.set_num_threads(a.threads)
+    base = packed_flags(compile_flags(get_target("cpu"), tuned=True), True)
+    variants = {"packed": []} | {v.split("=", 1)[0]: v.split("=", 1)[1].split(",") for v in a.variant}
+    a4 = torch.randn(4096, 4096)
+    peak = 2 * 4096**3 / timed(lambda: a4 @ a4, 3) / 1e9
+    print(f"{cpu_line()}; {a.threads} threads; fp32; sgemm peak (torch.mm 4096^3) {peak:.0f} GFLOP/s", flush=True)
+    print(f"{'shape':16} {'M x N x K':>18} {'runner':14} {'ms':>8} {'GFLOP/s':>8} {'of peak':>8}")
+    config = rt.Config("local-task")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.shapes:
+            ms_, n, k = SHAPES[name]
+            m = ms_[0 if a.size == 256 else 1]
+            gflop = 2 * m * n * k / 1e9
+            torch.manual_seed(0)
+            lin = torch.nn.Linear(k, n)
+            x = torch.randn(1, m, k)
+            with torch.no_grad():
+                ref = lin(x)
+                t = timed(lambda: lin(x), a.repeat)
+            print(f"{name:16} {f'{m}x{n}x{k}':>18} {'torch':14} {t * 1e3:8.2f} {gflop / t:8.0f} {gflop / t / peak:8.0%}", flush=True)
+            aot.externalize_module_parameters(lin, external_scope="model")
+            irpa, mlir = Path(tmp, f"{n}x{k}.irpa"), Path(tmp, "m.mlir")
+            aot.save_module_parameters(irpa, lin)
+            aot.export(lin, args=(x,)).save_mlir(str(mlir))
+            index = rt.ParameterIndex()
+            index.load(str(irpa))
+            for vname, extra in variants.items():
+                vmfb = Path(tmp, f"{vname}.vmfb")
+                proc = subprocess.run(["iree-compile", str(mlir), *base, *extra, "-o", str(vmfb)], capture_output=True, text=True)
+                if proc.returncode:
+                    print(f"{'':35} {vname:14} compile failed: {proc.stderr.strip().splitlines()[0][:100]}", flush=True)
+                    continue
+                params = rt.create_io_parameters_module(config.vm_instance, index.create_provider(scope="model"))
+                mods = rt.load_vm_modules(params, rt.VmModule.mmap(config.vm_instance, str(vmfb)), config=config)
+                xn = x.numpy()
+                out = torch.from_numpy(mods[-1].main(xn).to_host())
+                err = ((out - ref).norm() / ref.norm()).item()
+                t = timed(lambda: mods[-1].main(xn).to_host(), a.repeat)
+                print(f"{name:16} {f'{m}x{n}x{k}':>18} {vname:14} {t * 1e3:8.2f} {gflop / t:8.0f} {gflop / t / peak:8.0%}"
+                      + (f"  rel L2 {err:.1e}" if err > 1e-5 else ""), flush=True)
+                mods = params = None  # unload before the next variant
+
+
+if __name__ == "__main__":
+    sys.exit(main())
