@@ -283,78 +283,57 @@ _CUDA_RULES = dict(
 )
 
 
+def _cpu_target(name: str, cpu: str, description: str, notes: str) -> Target:
+    """An llvm-cpu target for `--iree-llvmcpu-target-cpu=cpu`. Portable ones (any `cpu` but the build
+    host's) name the x86-64 triple too, so that the result is x86-64 even when compiled on another host."""
+    triple = () if cpu == "host" else ("--iree-llvmcpu-target-triple=x86_64-unknown-unknown-eabi-elf",)
+    return Target(
+        name=name,
+        quant_schemes=("int8", "int8-fp8attn"),
+        fp8_dtypes=("float8_e4m3fn", "float8_e4m3fnuz",),
+        quant_flags=_CPU_QUANTIZED,
+        backend="llvm-cpu",
+        driver="local-task",
+        description=description,
+        flags=_LLVM_CPU + triple + (f"--iree-llvmcpu-target-cpu={cpu}",) + _CPU_ZERO_COPY,
+        tuned_flags=_CPU_TUNED,
+        decompose_attention=True,
+        attention_reason=_CPU_ATTENTION,
+        notes=notes,
+    )
+
+
 def _table(*targets: Target) -> dict[str, Target]:
     return {t.name: t for t in targets}
 
 
 TARGETS: dict[str, Target] = _table(
     # ---------------------------------------------------------------- CPU
-    Target(
-        name="cpu",
-        quant_schemes=("int8", "int8-fp8attn"),
-        fp8_dtypes=("float8_e4m3fn", "float8_e4m3fnuz",),
-        quant_flags=_CPU_QUANTIZED,
-        backend="llvm-cpu",
-        driver="local-task",
-        description="This machine's CPU (all of its ISA extensions)",
-        flags=_LLVM_CPU + ("--iree-llvmcpu-target-cpu=host",) + _CPU_ZERO_COPY,
-        tuned_flags=_CPU_TUNED,
-        decompose_attention=True,
-        attention_reason=_CPU_ATTENTION,
-        notes=(
-            "The .vmfb uses every feature of the CPU it was compiled on (e.g. AVX-512) and may "
-            "crash with an illegal instruction elsewhere; use cpu-generic to ship. "
-            "--iree-opt-level=O3 is not in tuned: it failed on the SDXL UNet "
-            "('exceeded stack allocation limit'). Attention is exported decomposed: data tiling "
-            "cannot compile the fused SDXL attention dispatch in IREE 3.13."
-        ),
+    _cpu_target(
+        "cpu",
+        "host",
+        "This machine's CPU (all of its ISA extensions)",
+        "The .vmfb uses every feature of the CPU it was compiled on (e.g. AVX-512) and may "
+        "crash with an illegal instruction elsewhere; use cpu-avx2 or cpu-generic to ship. "
+        "--iree-opt-level=O3 is not in tuned: it failed on the SDXL UNet "
+        "('exceeded stack allocation limit'). Attention is exported decomposed: data tiling "
+        "cannot compile the fused SDXL attention dispatch in IREE 3.13.",
     ),
-    Target(
-        name="cpu-avx2",
-        quant_schemes=("int8", "int8-fp8attn"),
-        fp8_dtypes=("float8_e4m3fn", "float8_e4m3fnuz",),
-        quant_flags=_CPU_QUANTIZED,
-        backend="llvm-cpu",
-        driver="local-task",
-        description="Any x86-64 CPU with AVX2, FMA and F16C (x86-64-v3: Intel Haswell, AMD Zen and newer)",
-        flags=_LLVM_CPU
-        + (
-            "--iree-llvmcpu-target-triple=x86_64-unknown-unknown-eabi-elf",
-            "--iree-llvmcpu-target-cpu=x86-64-v3",
-        )
-        + _CPU_ZERO_COPY,
-        tuned_flags=_CPU_TUNED,
-        decompose_attention=True,
-        attention_reason=_CPU_ATTENTION,
-        notes=(
-            "The tuned CPU set for a fleet of AVX2 machines, built on any host: no AVX-512 even where "
-            "the build machine has it (data tiling then packs for AVX2's 8-wide tiles). On an AVX-512 "
-            "host it measures the AVX2 code path (docs/cpu-tuning.md)."
-        ),
+    _cpu_target(
+        "cpu-avx2",
+        "x86-64-v3",
+        "Any x86-64 CPU with AVX2, FMA and F16C (x86-64-v3: Intel Haswell, AMD Zen and newer)",
+        "The tuned CPU set for a fleet of AVX2 machines, built on any host: no AVX-512 even where "
+        "the build machine has it (data tiling then packs for AVX2's 8-wide tiles). On an AVX-512 "
+        "host it measures the AVX2 code path (docs/cpu-tuning.md).",
     ),
-    Target(
-        name="cpu-generic",
-        quant_schemes=("int8", "int8-fp8attn"),
-        fp8_dtypes=("float8_e4m3fn", "float8_e4m3fnuz",),
-        quant_flags=_CPU_QUANTIZED,
-        backend="llvm-cpu",
-        driver="local-task",
-        description="Any x86-64 CPU (baseline x86-64, SSE2)",
-        flags=_LLVM_CPU
-        + (
-            "--iree-llvmcpu-target-triple=x86_64-unknown-unknown-eabi-elf",
-            "--iree-llvmcpu-target-cpu=generic",
-        )
-        + _CPU_ZERO_COPY,
-        tuned_flags=_CPU_TUNED,
-        decompose_attention=True,
-        attention_reason=_CPU_ATTENTION,
-        notes=(
-            "Portable but slow: no AVX/FMA, and without F16C every fp16<->fp32 conversion is "
-            "done in software. --iree-llvmcpu-target-cpu=x86-64-v3 (Haswell/Zen and newer: "
-            "AVX2, FMA, F16C) is the usual faster portable choice. The triple makes the "
-            "result x86-64 even when compiled on another host."
-        ),
+    _cpu_target(
+        "cpu-generic",
+        "generic",
+        "Any x86-64 CPU (baseline x86-64, SSE2)",
+        "Portable but slow: no AVX/FMA, and without F16C every fp16<->fp32 conversion is "
+        "done in software; cpu-avx2 (Haswell/Zen and newer: AVX2, FMA, F16C) is the usual "
+        "faster portable choice.",
     ),
     # --------------------------------------------------------------- ROCm
     Target(
