@@ -220,7 +220,8 @@ CUDA_DROPPED = {
 # target-neutral part of the ROCm one (the AMD-only hints left out) without
 # CUDA_DROPPED. Keep the horizontal fusion of contractions: on an H100 the SDXL
 # CFG step was wrong without it (relative L2 0.165 vs torch; docs/benchmarks.md,
-# GPU runs 2-3) -- the unfused projections met the same permuted-matmul bug.
+# GPU runs 2-3); the unfused projections' head split is a permute too, so it is probably the same
+# bug (no-hfuse was not measured with CUDA_DROPPED out: docs/repro/cuda-f16-tokens.md, round 2).
 _CUDA_TUNED = tuple(f for f in _GPU_COMMON if f not in CUDA_DROPPED) + (_FP16_UNET_PREPROCESS,)
 _CUDA_PLAIN_REFUSED = (
     "IREE 3.13's plain CUDA flags miscompile the SDXL UNet (relative L2 1.59 against torch on an H100, "
