@@ -220,28 +220,33 @@ def compile_vmfb(
     log_path = Path(str(output) + ".compile.log")
     if progress:
         progress(f"compiling {source.name} for {t.name} ({t.description}){'' if plan.tuned else ' with plain flags'}")
+    def commands(src: Path, out: Path, enc_out: Path | None, enc_mlir: Path | None) -> tuple[list[str], list[str]]:
+        """The module's iree-compile command and its parameter encoder's ([] without --pack-weights)."""
+        cmd = [iree_compile(), str(src), "-o", str(out), *flags]
+        if enc_out is None:
+            return cmd, []
+        cmd.append(f"--iree-parameter-encoder-output-file={enc_mlir}")
+        return cmd, [iree_compile(), str(enc_mlir), "-o", str(enc_out), *t.flags]
+
     t0 = time.perf_counter()
     with ExitStack() as stack:
         tmp = stack.enter_context(atomic_path(output))
-        cmd = [iree_compile(), str(source), "-o", str(tmp), *flags]
+        enc_tmp = enc_mlir = None
         if encoder:
             enc_tmp = stack.enter_context(atomic_path(encoder))
             enc_mlir = enc_tmp.with_name(enc_tmp.name + ".mlir")  # iree-compile writes it; removed on the way out
             stack.callback(enc_mlir.unlink, missing_ok=True)
-            cmd.append(f"--iree-parameter-encoder-output-file={enc_mlir}")
+        cmd, enc_cmd = commands(source, tmp, enc_tmp, enc_mlir)
         _run_compile(cmd, t.name, log_path)
-        if encoder:
+        if enc_cmd:
             if progress:
                 progress(f"compiling its parameter encoder ({encoder.name})")
-            _run_compile([iree_compile(), str(enc_mlir), "-o", str(enc_tmp), *t.flags], t.name, log_path)
+            _run_compile(enc_cmd, t.name, log_path)
         seconds = time.perf_counter() - t0
     log_path.unlink(missing_ok=True)
-    command = [iree_compile(), str(source.resolve()), "-o", str(output.resolve()), *flags]
-    encoder_command = []
-    if encoder:  # the script writes the encoder's .mlir beside it, then compiles it
-        enc_mlir = encoder.with_suffix(".mlir").resolve()
-        command.append(f"--iree-parameter-encoder-output-file={enc_mlir}")
-        encoder_command = [iree_compile(), str(enc_mlir), "-o", str(encoder.resolve()), *t.flags]
+    # The record and the script name the final paths; the script writes the encoder's .mlir beside it.
+    command, encoder_command = commands(source.resolve(), output.resolve(), encoder and encoder.resolve(),
+                                        encoder and encoder.with_suffix(".mlir").resolve())
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     script = f"#!/bin/sh\n# {compiler_version()}; punet {__version__}; target {t.name} " \
              f"({'tuned' if plan.tuned else 'plain'} flags{', packed weights' if encoder else ''})\n{shlex.join(command)}\n"
