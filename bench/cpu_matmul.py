@@ -36,12 +36,12 @@ SHAPES = {
 
 
 def cpu_line() -> str:
-    """lscpu's model name and the vector ISA flags that matter for fp32/bf16 matmuls."""
-    info = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                if ":" in line)
-    flags = info.get("Flags", "").split()
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{info.get('Model name', '?').strip()} ({' '.join(isa)})"
+    """The CPU's model name and the vector ISA flags that matter for fp32/bf16 matmuls."""
+    from cpu_profile import cpu_info  # bench/cpu_profile.py: this script's folder is first on sys.path
+
+    info = cpu_info()
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in info["flags"]]
+    return f"{info['model']} ({' '.join(isa)})"
 
 
 def timed(fn, repeat: int) -> float:
@@ -66,6 +66,7 @@ def main() -> None:
     import iree.runtime as rt
     from iree.turbine import aot
 
+    from punet.compile import iree_compile
     from punet.compile.targets import compile_flags, get_target, packed_flags
 
     torch.set_num_threads(a.threads)
@@ -96,7 +97,7 @@ def main() -> None:
             index.load(str(irpa))
             for vname, extra in variants.items():
                 vmfb = Path(tmp, f"{vname}.vmfb")
-                proc = subprocess.run(["iree-compile", str(mlir), *base, *extra, "-o", str(vmfb)], capture_output=True, text=True)
+                proc = subprocess.run([iree_compile(), str(mlir), *base, *extra, "-o", str(vmfb)], capture_output=True, text=True)
                 if proc.returncode:
                     print(f"{'':35} {vname:14} compile failed: {proc.stderr.strip().splitlines()[0][:100]}", flush=True)
                     continue

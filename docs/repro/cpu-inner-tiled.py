@@ -1,6 +1,6 @@
 """inner_tiled + IREE's LLVM-bitcode ukernels on one UNet projection (1024x640 @ 640x5120, fp32) and its consumers.
 
-    python docs/repro/cpu-inner-tiled.py "$(which iree-compile)"
+    python docs/repro/cpu-inner-tiled.py
 
 Each case is compiled with punet's packed CPU flags (mmt4d microkernels) and with
 `--iree-llvmcpu-enable-inner-tiled --iree-llvmcpu-enable-llvm-ukernels=inner_tiled`, run on
@@ -12,13 +12,13 @@ bias as a last column of W). The plain `nn.Linear` with its bias does not compil
 
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import iree.runtime as rt
 import torch
 from iree.turbine import aot
+from punet.compile import iree_compile
 from punet.compile.targets import compile_flags, get_target, packed_flags
 
 torch.set_num_threads(2)
@@ -85,7 +85,7 @@ for name, mod, args in [
     idx.load(f"{OUT}/{name}.irpa")
     for v, extra in [("packed", []), ("inner-uk", IT)]:
         p = subprocess.run(
-            [sys.argv[1], f"{OUT}/{name}.mlir", *base, *extra, "-o", f"{OUT}/{name}_{v}.vmfb"],
+            [iree_compile(), f"{OUT}/{name}.mlir", *base, *extra, "-o", f"{OUT}/{name}_{v}.vmfb"],
             capture_output=True,
             text=True,
         )

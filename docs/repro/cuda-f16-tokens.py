@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -29,8 +28,6 @@ from pathlib import Path
 import numpy as np
 
 TOKENS = (64, 77)
-# iree-compile of the running Python's environment (a venv need not be on PATH).
-IREE_COMPILE = shutil.which("iree-compile") or str(Path(sys.executable).parent / "iree-compile")
 
 # name -> (flags removed from the tuned set, flags added)
 VARIANTS = {
@@ -62,6 +59,7 @@ def prepare(out: Path, only: set[str] | None, target: str, variants: list[str], 
     from torch import nn
 
     from punet.builtin import config_dict, random_state_dict
+    from punet.compile import iree_compile
     from punet.compile.targets import CUDA_DROPPED, compile_flags, get_target
     from punet.config import UNetConfig
     from punet.model import UNet2DConditionModel
@@ -93,39 +91,6 @@ def prepare(out: Path, only: set[str] | None, target: str, variants: list[str], 
                 variant_flags[f"plus-{short}"] = plain + [f]
                 variant_flags[f"minus-{short}"] = [g for g in tuned if g != f]
 
-    class Whole(nn.Module):
-        def __init__(self, unet):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample, timestep, context, text_embeds, time_ids):
-            return self.unet(sample=sample, timestep=timestep, encoder_hidden_states=context,
-                             text_embeds=text_embeds, time_ids=time_ids)
-
-    class Projections(nn.Module):  # the given Linears applied to one input (horizontal fusion's pattern)
-        def __init__(self, linears):
-            super().__init__()
-            self.linears = nn.ModuleList(linears)
-
-        def forward(self, context):
-            return tuple(lin(context) for lin in self.linears)
-
-    class Core(nn.Module):  # punet's decomposed attention (layers.Attention, decomposed=True)
-        def __init__(self, part):
-            super().__init__()
-            self.part = part
-
-        def forward(self, q, k, v):
-            scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-            if self.part == "qk":
-                return scores
-            probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-            return torch.matmul(probs, v)
-
-    class PV(nn.Module):
-        def forward(self, probs, v):
-            return torch.matmul(probs, v)
-
     class Fn(nn.Module):  # a piece of a module: `fn(mods, *args)` with the modules' weights as parameters
         def __init__(self, fn, **mods):
             super().__init__()
@@ -138,7 +103,15 @@ def prepare(out: Path, only: set[str] | None, target: str, variants: list[str], 
     def split(lin, x, heads):  # a projection and its head split, as layers.Attention writes it
         return lin(x).view(x.shape[0], -1, heads, lin.out_features // heads).transpose(1, 2)
 
-    whole = Whole(model)
+    def projections(linears):  # the given Linears applied to one input (horizontal fusion's pattern)
+        return Fn(lambda m, c: tuple(lin(c) for lin in m["l"]), l=nn.ModuleList(linears))
+
+    def scores(q, k):  # punet's decomposed attention (layers.Attention, decomposed=True), its first matmul
+        return torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+
+    whole = Fn(lambda m, sample, timestep, context, text_embeds, time_ids: m["u"](
+        sample=sample, timestep=timestep, encoder_hidden_states=context, text_embeds=text_embeds, time_ids=time_ids),
+        u=model)
     blk = model.down_blocks[1].attentions[0].transformer_blocks[0]
     attn2s = [m for name, m in model.named_modules() if name.endswith("attn2")]
     targets = {
@@ -172,9 +145,9 @@ def prepare(out: Path, only: set[str] | None, target: str, variants: list[str], 
             h.remove()
         cases = {n: (targets[n], captured[n][0]) for n in targets}
         ctx = x[2]
-        cases["kv"] = (Projections([blk.attn2.to_k, blk.attn2.to_v]), (ctx,))
-        cases["kv-all"] = (Projections([lin for a in attn2s for lin in (a.to_k, a.to_v)]), (ctx,))
-        cases["k"] = (Projections([blk.attn2.to_k]), (ctx,))
+        cases["kv"] = (projections([blk.attn2.to_k, blk.attn2.to_v]), (ctx,))
+        cases["kv-all"] = (projections([lin for a in attn2s for lin in (a.to_k, a.to_v)]), (ctx,))
+        cases["k"] = (projections([blk.attn2.to_k]), (ctx,))
         xb = captured["attn2"][0][0]
         with torch.no_grad():
             b, heads, hd = xb.shape[0], blk.attn2.heads, blk.attn2.head_dim
@@ -182,9 +155,10 @@ def prepare(out: Path, only: set[str] | None, target: str, variants: list[str], 
             k = blk.attn2.to_k(ctx).view(b, -1, heads, hd).transpose(1, 2).contiguous()
             v = blk.attn2.to_v(ctx).view(b, -1, heads, hd).transpose(1, 2).contiguous()
             probs = torch.softmax((q @ k.transpose(-1, -2)).float() * hd**-0.5, -1).half()
-        cases["core"] = (Core("all"), (q, k, v))
-        cases["qk"] = (Core("qk"), (q, k, v))
-        cases["pv"] = (PV(), (probs, v))
+        cases["core"] = (Fn(lambda m, q, k, v: torch.matmul(torch.softmax(scores(q, k).float(), -1).to(v.dtype), v)),
+                         (q, k, v))
+        cases["qk"] = (Fn(lambda m, q, k, v: scores(q, k)), (q, k, v))
+        cases["pv"] = (Fn(lambda m, p, v: torch.matmul(p, v)), (probs, v))
         t2d = model.down_blocks[1].attentions[0]
         xt = captured["transformer2d"][0][0]
         with torch.no_grad():
@@ -243,7 +217,7 @@ def prepare(out: Path, only: set[str] | None, target: str, variants: list[str], 
             aot.export(module, args=args, strict_export=False).save_mlir(str(mlir))
             for variant, flags in variant_flags.items():
                 vmfb = out / f"{stem}.{variant}.vmfb"
-                proc = subprocess.run([IREE_COMPILE, str(mlir), *flags, "-o", str(vmfb)], capture_output=True, text=True)
+                proc = subprocess.run([iree_compile(), str(mlir), *flags, "-o", str(vmfb)], capture_output=True, text=True)
                 status = "ok" if proc.returncode == 0 else f"compile failed: {proc.stderr.strip().splitlines()[0][:200] if proc.stderr.strip() else proc.returncode}"
                 print(f"{stem:20} {variant:24} {status}", flush=True)
                 (out / f"{stem}.{variant}.flags.txt").write_text("\n".join(flags) + "\n")
