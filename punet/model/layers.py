@@ -72,12 +72,37 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+# Decomposed attention computes its (B, heads, N, M) scores a slice of heads at a time, each slice at
+# most this many elements (4 MiB in fp32) unless one head alone is larger. SDXL's self-attention at the
+# 64x64 latent (512x512 pixels) has 10 x 1024 x 1024 scores: as one tensor (40 MiB) the compiled CPU
+# step writes, normalises and re-reads it through memory; one head (4 MiB) at a time stays in cache.
+# Smaller levels (every level at 256x256) stay one slice, so their modules do not change.
+SCORES_PER_SLICE = 1 << 20
+
+
+def decomposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v on (B, heads, N, d) tensors as matmul + fp32 softmax + matmul, by head slices."""
+    b, heads, n, _ = q.shape
+    slices = min(heads, -(-b * heads * n * k.shape[2] // SCORES_PER_SLICE))
+    if slices == 1:
+        return _softmax_attention(q, k, v)
+    parts = zip(q.chunk(slices, dim=1), k.chunk(slices, dim=1), v.chunk(slices, dim=1))
+    return torch.cat([_softmax_attention(*part) for part in parts], dim=1)
+
+
+def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (B, heads, N, M)
+    probs = torch.softmax(scores.to(stats_dtype(scores)), dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)  # (B, heads, N, d)
+
+
 class Attention(nn.Module):
     """diffusers `attention_processor.Attention` with `AttnProcessor2_0`.
 
     `decomposed=True` writes attention as matmul + fp32 softmax + matmul
     instead of `scaled_dot_product_attention` (Vulkan cannot compile the
-    fused attention op).
+    fused attention op; the CPU's data-tiled build needs it too), a slice of
+    heads at a time (`decomposed_attention`).
     """
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None):
@@ -100,9 +125,7 @@ class Attention(nn.Module):
         k = self.to_k(context).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, M, head_dim)
         v = self.to_v(context).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, M, head_dim)
         if self.decomposed:
-            scores = torch.matmul(q, k.transpose(-1, -2)) * (self.head_dim**-0.5)  # (B, heads, N, M)
-            probs = torch.softmax(scores.to(stats_dtype(scores)), dim=-1).to(v.dtype)
-            out = torch.matmul(probs, v)  # (B, heads, N, head_dim)
+            out = decomposed_attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
         out = out.transpose(1, 2).reshape(b, -1, self.heads * self.head_dim)  # (B, N, inner)
