@@ -189,7 +189,7 @@ def scoped_kind(mod, op_name: str, matmul_index: int | None) -> str:
         return k
     op = op_name.split("::", 1)[-1]
     if mod is not None and is_attention(mod) and op in _MATMUL and matmul_index is not None:
-        return K_QK if matmul_index == 0 else K_PV
+        return K_QK if matmul_index % 2 == 0 else K_PV  # QK^T, PV per slice of heads (decomposed_attention)
     return aten_kind(op_name)
 
 
@@ -633,6 +633,9 @@ def phase_iree(a: dict) -> dict:
         "--device=local-task", f"--function={info['entry']}", *[f"--input=@{p}" for p in inputs],
         f"--task_topology_max_group_count={a['threads']}", f"--benchmark_min_time={calls}x",
         "--device_profiling_mode=host-execution", f"--device_profiling_output={prof}",
+        # The recorder holds 8192 host events between flushes: unflushed, a 512x512 call (3,500 dispatches)
+        # twice over drops the later events, the calls' own among them.
+        "--device_profiling_flush_interval_ms=200",
     ]
     say(f"{calls} profiled calls: {' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}")
     t0 = time.perf_counter()
@@ -651,7 +654,8 @@ def phase_iree(a: dict) -> dict:
     host = [e for e in events if e.get("record_type") == "host_execution_event"]
     executes = sorted((e for e in host if e["op"] == "execute"), key=lambda e: e["start_host_time_ns"])
     if not executes or len(executes) % calls:
-        raise SystemExit(f"{len(executes)} execute submissions for {calls} calls: cannot split the profile by call")
+        raise SystemExit(f"{len(executes)} execute submissions for {calls} calls: cannot split the profile by call "
+                         f"(`iree-profile summary {prof}` tells whether events were dropped)")
     per_call = len(executes) // calls
     call_spans = []
     for c in range(calls):
@@ -823,7 +827,7 @@ def ov_kind(node_name: str, node_type: str, modules: dict, attn_seen: dict) -> t
         if mod is not None and is_attention(mod):
             i = attn_seen.get(node_name.split("/")[0], 0)
             attn_seen[node_name.split("/")[0]] = i + 1
-            return (K_QK if i == 0 else K_PV), path
+            return (K_QK if i % 2 == 0 else K_PV), path
         return (K_MM if t == "FullyConnected" else K_UNCL), path
     if t in ("ScaledDotProductAttention", "ScaledAttn", "MHA"):
         return K_ATTN, path
