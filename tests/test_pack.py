@@ -49,7 +49,7 @@ def test_packed_module_matches_unpacked_and_eager(packed):
     want = Session.load(packed["unpacked_vmfb"], packed["irpa"])(x)
     model, _ = load_model(packed["irpa"])
     eager = call_model(model, x)
-    assert rel_l2(got, want) <= 1e-5  # im2col convolutions sum in another order: not bit-identical
+    assert rel_l2(got, want) <= 1e-5  # data-tiled convolutions sum in another order: not bit-identical
     assert rel_l2(got, eager) <= 1e-5
     assert got.abs().max() > 0
 

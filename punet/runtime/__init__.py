@@ -151,7 +151,7 @@ class Session:
         providers = [index.create_provider(scope=scope)]
         packed_from = Path(meta["packed"]["source"]) if "packed" in meta else None
         if packed_from is not None and packed_from.is_file():
-            # Some packed modules (e.g. with im2col convolutions) still read a few weights as they are.
+            # Some packed modules still read a few weights as they are (those their encoder leaves alone).
             source = rt.ParameterIndex()
             source.load(str(packed_from), mmap=True)
             providers.append(source.create_provider(scope=SCOPE))
