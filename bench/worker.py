@@ -4,7 +4,8 @@ or `convert` (punet's torch model to an OpenVINO IR).
 Runners (`kind`): `eager` (punet's torch model), `iree` (a compiled .vmfb on the .irpa), `compile`
 (torch.compile of punet's torch model, inductor, default mode) and `openvino` (an OpenVINO IR of punet's
 torch model on the CPU plugin). The runners of one process share a torch model of the same archive and
-dtype, so its weights are read once.
+dtype, so its weights are read once. A runner's `size` is the image's side in pixels; `batch` (default 1)
+its batch, e.g. 2 for the 1024x1024 classifier-free-guidance step's two UNet rows.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def torch_model(irpa: str, dtype: str) -> tuple[torch.nn.Module, UNetConfig]:
 def signature(spec: dict, dtype: str | None = None) -> Signature:
     dtype = dtype or spec["dtype"]
     # int8: quantized weights, float32 inputs and outputs.
-    return Signature(1, spec["size"], spec["size"], "float32" if dtype == "int8" else dtype,
+    return Signature(spec.get("batch", 1), spec["size"], spec["size"], "float32" if dtype == "int8" else dtype,
                      quant="int8" if dtype == "int8" else "")
 
 

@@ -409,14 +409,14 @@ def test_attention(decomposed, cross):
         _assert_matches(ours(x, ctx), ref(x, encoder_hidden_states=ctx))
 
 
-@pytest.mark.parametrize("per_slice,slices", [(1 << 20, 1), (60, 2), (40, 3), (1, 3)])
+@pytest.mark.parametrize("per_slice,slices", [(1 << 20, 1), (60, 2), (40, 3), (25, 5), (1, 6)])
 def test_decomposed_attention_by_head_slices(monkeypatch, per_slice, slices):
-    """Bugs in the head-sliced decomposed attention: slices joined in the wrong order or on the wrong axis, a
-    head dropped or repeated when the heads do not divide evenly (3 heads in 2 slices), the slice count
-    ignoring the batch or the key length, a slice of queries or keys instead of heads. Cross-attention, 3
-    heads of width 4, 5 query and 4 key tokens, batch 2 (120 scores): budgets of 2^20, 60, 40 and 1 scores
-    per slice give 1, 2, 3 and 3 slices (never more than the heads).
-    Reference: diffusers' `Attention` (AttnProcessor2_0)."""
+    """Bugs in the sliced decomposed attention: slices joined in the wrong order or on the wrong axis, a
+    (batch row, head) pair dropped, repeated or paired with another row's keys when the 6 pairs do not
+    divide evenly (5 slices of 2, 1, 1, 1, 1), the slice count ignoring the batch or the key length, a slice of queries or
+    keys instead of pairs. Cross-attention, 3 heads of width 4, 5 query and 4 key tokens, batch 2 (6 pairs,
+    120 scores): budgets of 2^20, 60, 40, 25 and 1 scores per slice give 1, 2, 3, 5 and 6 slices (never
+    more than the pairs). Reference: diffusers' `Attention` (AttnProcessor2_0)."""
     ref, ours = _same_weights(
         d_attn_proc.Attention(12, cross_attention_dim=7, heads=3, dim_head=4, out_bias=True), L.Attention(12, 3, 4, 7)
     )
@@ -429,15 +429,17 @@ def test_decomposed_attention_by_head_slices(monkeypatch, per_slice, slices):
     assert len(mode.seen) == slices
 
 
-@pytest.mark.parametrize("size,level_slices", [(256, [1, 1]), (512, [10, 2]), (1024, [10, 20])])
-def test_sdxl_attention_slices(size, level_slices):
+@pytest.mark.parametrize(
+    "batch,size,level_slices", [(1, 256, [1, 1]), (1, 512, [10, 2]), (1, 1024, [10, 20]), (2, 1024, [20, 40])]
+)
+def test_sdxl_attention_slices(batch, size, level_slices):
     """Bug: the slice budget changed so that the 256x256 modules (measured fastest whole) get sliced, or the
     512x512 level-2 self-attention (10 x 1024 x 1024 scores, 40 MiB) stays whole. Counts softmax calls of
     SDXL's self-attention shapes at its two attention levels (640 wide: 10 heads, 1280 wide: 20 heads of 64)
-    on the meta device."""
+    on the meta device; batch 2 is the 1024x1024 CFG step (one slice per row and head)."""
     seen = []
     for heads, latent in ((10, size // 16), (20, size // 32)):
-        q = torch.empty(1, heads, latent * latent, 64, device="meta")
+        q = torch.empty(batch, heads, latent * latent, 64, device="meta")
         with _DtypesOf(torch.softmax) as mode:
             out = L.decomposed_attention(q, q, q)
         assert out.shape == q.shape

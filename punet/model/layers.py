@@ -72,22 +72,26 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-# Decomposed attention computes its (B, heads, N, M) scores a slice of heads at a time, each slice at
-# most this many elements (4 MiB in fp32) unless one head alone is larger. SDXL's self-attention at the
-# 64x64 latent (512x512 pixels) has 10 x 1024 x 1024 scores: as one tensor (40 MiB) the compiled CPU
-# step writes, normalises and re-reads it through memory; one head (4 MiB) at a time stays in cache.
-# Smaller levels (every level at 256x256) stay one slice, so their modules do not change.
+# Decomposed attention computes its (B, heads, N, M) scores a slice of (batch row, head) pairs at a time,
+# each slice at most this many elements (4 MiB in fp32) unless one pair alone is larger. SDXL's
+# self-attention at the 64x64 latent (512x512 pixels) has 10 x 1024 x 1024 scores: as one tensor (40 MiB)
+# the compiled CPU step writes, normalises and re-reads it through memory; one pair (4 MiB) at a time
+# stays in cache. Smaller levels (every level at 256x256) stay one slice, so their modules do not change.
 SCORES_PER_SLICE = 1 << 20
 
 
 def decomposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v on (B, heads, N, d) tensors as matmul + fp32 softmax + matmul, by head slices."""
-    b, heads, n, _ = q.shape
-    slices = min(heads, -(-b * heads * n * k.shape[2] // SCORES_PER_SLICE))
+    """softmax(q k^T / sqrt(d)) v on (B, heads, N, d) tensors as matmul + fp32 softmax + matmul, by slices of
+    the (batch row, head) pairs."""
+    b, heads, n, d = q.shape
+    m = k.shape[2]
+    slices = min(b * heads, -(-b * heads * n * m // SCORES_PER_SLICE))
     if slices == 1:
         return _softmax_attention(q, k, v)
-    parts = zip(q.chunk(slices, dim=1), k.chunk(slices, dim=1), v.chunk(slices, dim=1))
-    return torch.cat([_softmax_attention(*part) for part in parts], dim=1)
+    # One flat batch of (row, head) pairs: iree-compile 3.13 fails on slices that keep two batch dimensions
+    # ([2, 1, 4096, 4096] scores at 1024x1024 CFG: "operations with large vector sizes").
+    parts = zip(*(t.reshape(b * heads, -1, d).tensor_split(slices) for t in (q, k, v)))
+    return torch.cat([_softmax_attention(*part) for part in parts]).reshape(b, heads, n, d)
 
 
 def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -102,7 +106,7 @@ class Attention(nn.Module):
     `decomposed=True` writes attention as matmul + fp32 softmax + matmul
     instead of `scaled_dot_product_attention` (Vulkan cannot compile the
     fused attention op; the CPU's data-tiled build needs it too), a slice of
-    heads at a time (`decomposed_attention`).
+    (batch row, head) pairs at a time (`decomposed_attention`).
     """
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None):
