@@ -36,10 +36,14 @@ SIZES = (256, 512, 1024)
 
 
 class Core(torch.nn.Module):
+    def __init__(self, scores_per_slice: int):
+        super().__init__()
+        self.scores_per_slice = scores_per_slice
+
     def forward(self, q, k, v):
         from punet.model.layers import decomposed_attention
 
-        return decomposed_attention(q, k, v)
+        return decomposed_attention(q, k, v, self.scores_per_slice)
 
 
 def main() -> None:
@@ -75,13 +79,11 @@ def main() -> None:
             ref = F.scaled_dot_product_attention(q, k, v)
             t = timed(lambda: F.scaled_dot_product_attention(q, k, v), a.repeat)
             print(f"{name:11} {dims:>16} {'torch sdpa':16} {'':>6} {t * 1e3:8.2f} {gflop / t:8.0f}", flush=True)
-            sliced = min(heads, -(-heads * n * m // budget))
+            sliced = layers.attention_slices(1, heads, n, m)
             for label, per_slice in (("iree", budget), ("iree whole", 1 << 62))[: 2 if sliced > 1 else 1]:
-                layers.SCORES_PER_SLICE = per_slice
-                slices = min(heads, -(-heads * n * m // per_slice))
+                slices = layers.attention_slices(1, heads, n, m, per_slice)
                 mlir, vmfb = Path(tmp, "a.mlir"), Path(tmp, "a.vmfb")
-                aot.export(Core(), args=(q, k, v)).save_mlir(str(mlir))
-                layers.SCORES_PER_SLICE = budget
+                aot.export(Core(per_slice), args=(q, k, v)).save_mlir(str(mlir))
                 proc = subprocess.run([iree_compile(), str(mlir), *flags, "-o", str(vmfb)], capture_output=True, text=True)
                 if proc.returncode:
                     print(f"{'':28} {label:16} compile failed: {proc.stderr.strip().splitlines()[0][:100]}", flush=True)

@@ -5,8 +5,8 @@
 Each shape is `y = x @ W^T + b` with x [1, M, K] and W [N, K] as a parameter (scope "model"), the form
 every attention and feed-forward projection of the UNet takes; M is the token count at that level
 (`--size` 256: 64 / 256 tokens at the two attention levels; 512: 256 / 1024). The module is compiled
-with the flags of `punet compile --target cpu --pack-weights` (data tiling, mmt4d microkernels, data-tiled convolutions,
-no transpose propagation) plus each `--variant NAME=FLAG[,FLAG...]`; its weights are packed when the
+with the flags of `punet compile --target cpu --pack-weights` (data tiling, mmt4d microkernels,
+data-tiled convolutions, no transpose propagation) plus each `--variant NAME=FLAG[,FLAG...]`; its weights are packed when the
 module loads (the same packing `punet pack` does ahead of time), so the timed calls are the matmuls.
 Prints, per shape and runner, the median of `--repeat` calls, GFLOP/s and % of a measured sgemm peak
 (torch.mm 4096^3), and the CPU's model, ISA flags and thread count.

@@ -53,12 +53,7 @@ class TinyBlock(nn.Module):
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.decompose_attention:
             # punet's decomposed form with one head per slice, as SDXL's self-attention at 512x512 runs it.
-            budget = layers.SCORES_PER_SLICE
-            layers.SCORES_PER_SLICE = q.shape[0] * q.shape[2] * k.shape[2]
-            try:
-                return layers.decomposed_attention(q, k, v)
-            finally:
-                layers.SCORES_PER_SLICE = budget
+            return layers.decomposed_attention(q, k, v, scores_per_slice=q.shape[0] * q.shape[2] * k.shape[2])
         return F.scaled_dot_product_attention(q, k, v)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -80,12 +80,20 @@ class TimestepEmbedding(nn.Module):
 SCORES_PER_SLICE = 1 << 20
 
 
-def decomposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention_slices(batch: int, heads: int, queries: int, keys: int, scores_per_slice: int | None = None) -> int:
+    """How many slices `decomposed_attention` cuts the (batch row, head) pairs into (default budget:
+    SCORES_PER_SLICE scores per slice)."""
+    pairs = batch * heads
+    return min(pairs, -(-pairs * queries * keys // (scores_per_slice or SCORES_PER_SLICE)))
+
+
+def decomposed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores_per_slice: int | None = None
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v on (B, heads, N, d) tensors as matmul + fp32 softmax + matmul, by slices of
-    the (batch row, head) pairs."""
+    the (batch row, head) pairs (`attention_slices`)."""
     b, heads, n, d = q.shape
-    m = k.shape[2]
-    slices = min(b * heads, -(-b * heads * n * m // SCORES_PER_SLICE))
+    slices = attention_slices(b, heads, n, k.shape[2], scores_per_slice)
     if slices == 1:
         return _softmax_attention(q, k, v)
     # One flat batch of (row, head) pairs: iree-compile 3.13 fails on slices that keep two batch dimensions
@@ -95,9 +103,10 @@ def decomposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
 
 
 def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (B, heads, N, M)
+    """On (..., N, d) queries and (..., M, d) keys and values; the leading dimensions are batch dimensions."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (..., N, M)
     probs = torch.softmax(scores.to(stats_dtype(scores)), dim=-1).to(v.dtype)
-    return torch.matmul(probs, v)  # (B, heads, N, d)
+    return torch.matmul(probs, v)  # (..., N, d)
 
 
 class Attention(nn.Module):
