@@ -211,7 +211,8 @@ def test_table_shape() -> None:
     cpu = ["--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu",
            "--iree-llvmcpu-target-cpu=host", "--iree-opt-aggressively-propagate-transposes"]
     assert compile_flags(get_target("cpu"), tuned=False) == cpu
-    tuned = ["--iree-opt-data-tiling", "--iree-llvmcpu-enable-ukernels=all"]
+    tuned = ["--iree-opt-data-tiling", "--iree-llvmcpu-enable-ukernels=all",
+             "--iree-llvmcpu-matmul-tile-bytes=2097152"]
     assert compile_flags(get_target("cpu"), tuned=True) == cpu + tuned
     assert compile_flags(get_target("hopper"), tuned=False)[-1] == "--iree-cuda-target=sm_80"
     for required in ("cpu", "cpu-avx2", "cpu-generic", "gfx942", "gfx950", "gfx1100", "gfx1201", "vulkan", "vulkan-rdna3",
