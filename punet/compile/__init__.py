@@ -266,10 +266,11 @@ def compile_vmfb(
             "flags": flags,
             "flag_set_note": plan.note,
             "attention": "decomposed" if signature["decompose_attention"] else "fused",
-            "exported_from": str(mlir) if source != mlir else None,
+            # Absolute paths: the record is read from other folders (punet pack, bench/cpu_profile.py).
+            "exported_from": str(mlir.resolve()) if source != mlir else None,
             "command": command,
             "compile_seconds": round(seconds, 2),
-            "mlir": {"path": str(source), "sha256": mlir_digest},
+            "mlir": {"path": str(source.resolve()), "sha256": mlir_digest},
             "module_name": signature.get("module_name", "module"),
             "entry": signature["entry"],
             "entries": signature.get("entries"),
