@@ -37,7 +37,11 @@ SHAPES = {
     "q/k/v/out 1280": ((64, 256), 1280, 1280),
     "geglu 1280": ((64, 256), 10240, 1280),
     "ff out 1280": ((64, 256), 1280, 5120),
+    # cross-attention keys and values: the 77 text tokens (2048 wide) at either level; no bias, as in the UNet
+    "cross k/v 640": ((77, 77), 640, 2048),
+    "cross k/v 1280": ((77, 77), 1280, 2048),
 }
+NO_BIAS = {"cross k/v 640", "cross k/v 1280"}
 
 
 def cpu_line() -> str:
@@ -62,9 +66,9 @@ def timed(fn, repeat: int) -> float:
 class Copies(torch.nn.Module):
     """`copies` Linear layers of one shape applied to the same input; every output returned."""
 
-    def __init__(self, copies: int, k: int, n: int):
+    def __init__(self, copies: int, k: int, n: int, bias: bool = True):
         super().__init__()
-        self.lins = torch.nn.ModuleList(torch.nn.Linear(k, n) for _ in range(copies))
+        self.lins = torch.nn.ModuleList(torch.nn.Linear(k, n, bias=bias) for _ in range(copies))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(lin(x) for lin in self.lins)
@@ -104,7 +108,7 @@ def main() -> None:
             copies = max(1, a.cold_mib * 2**20 // (4 * n * k))
             gflop = 2 * m * n * k / 1e9
             torch.manual_seed(0)
-            lin = Copies(copies, k, n)
+            lin = Copies(copies, k, n, bias=name not in NO_BIAS)
             x = torch.randn(1, m, k)
             with torch.no_grad():
                 ref = lin(x)
