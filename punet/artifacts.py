@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -65,6 +66,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+@functools.cache
+def source_digest() -> str:
+    """A digest of punet's own Python source. An export is traced from the model's code, which changes
+    between commits of one punet version: a key without it reused exports of the old code."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 

@@ -130,12 +130,18 @@ def test_decomposed_attention_has_no_fused_attention(work):
     assert rel_l2(decomposed, fused) <= 1e-5
 
 
-def test_reuse_and_force(work):
+def test_reuse_and_force(work, monkeypatch):
+    """Guards: an export reused after punet's model code changed (the key held the version number only,
+    and a benchmark timed an export of the previous attention code)."""
     _, irpa = work
     sig = Signature(1, H, W)
     first = export_mlir(irpa, sig=sig, decompose_attention=DEC)
     again = export_mlir(irpa, sig=sig, decompose_attention=DEC)
     assert again.reused and again.mlir == first.mlir
+    with monkeypatch.context() as m:
+        m.setattr("punet.export.source_digest", lambda: "edited model code")
+        assert not export_mlir(irpa, sig=sig, decompose_attention=DEC).reused
+    first = export_mlir(irpa, sig=sig, decompose_attention=DEC)  # back to this code's export
     comp = compile_vmfb(first.mlir, "cpu")
     assert compile_vmfb(first.mlir, "cpu").reused
     r = run_cli("compile", str(first.mlir), "--target", "cpu")

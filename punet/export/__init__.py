@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..artifacts import build_key, mlir_name, signature_path, up_to_date
+from ..artifacts import build_key, mlir_name, signature_path, source_digest, up_to_date
 from ..config import UNetConfig
 from ..errors import PunetError
 from ..fileio import atomic_path, check_output, write_json_atomic
@@ -232,7 +232,8 @@ def _export(
     sig_path = signature_path(output)
     key = build_key(
         config=config.to_dict(), sig=sig.to_dict(), decomposed=decompose_attention, scheduler=scheduler,
-        quantization=_structure(quantization), punet=__version__, torch=torch.__version__, turbine=_turbine_version(),
+        quantization=_structure(quantization), punet=__version__, source=source_digest(), torch=torch.__version__,
+        turbine=_turbine_version(),
     )
     if not force and up_to_date(output, sig_path, key):
         return ExportResult(output, sig_path, True, 0.0)
