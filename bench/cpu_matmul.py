@@ -4,7 +4,8 @@
     python bench/cpu_matmul.py --size 512 --cold-mib 400 --shapes "geglu 1280"
 
 Each shape is `y = x @ W^T + b` with x [1, M, K] and W [N, K] as a parameter (scope "model"), the form
-every attention and feed-forward projection of the UNet takes; M is the token count at that level
+every attention and feed-forward projection of the UNet takes (no b for the cross-attention keys and
+values, as in the UNet); M is the token count at that level
 (`--size` 256: 64 / 256 tokens at the two attention levels; 512: 256 / 1024). The module is compiled
 with the flags of `punet compile --target cpu --pack-weights` (data tiling, mmt4d microkernels,
 data-tiled convolutions, no transpose propagation) plus each `--variant NAME=FLAG[,FLAG...]`; its weights are packed when the

@@ -120,9 +120,10 @@ _CPU_TUNED = (
     "--iree-opt-data-tiling",
     "--iree-llvmcpu-enable-ukernels=all",
     # Distribution tiles of data-tiled matmuls up to 2 MiB per operand (IREE's default 256 KiB). A UNet
-    # call reads each weight once, from memory rather than cache; with small tiles the 1280-wide level's
-    # projections (256 tokens) read each weight panel once per 16-48-row tile of tokens. Full-size SDXL
-    # fp32 at 512x512: 8.24 / 8.27 s vs 9.27 / 9.68 s per call (docs/cpu-tuning.md).
+    # call reads each weight once, from memory rather than cache. With the default, the 1280-wide level's
+    # GEGLU projection (256 tokens) gets 16-row workgroup tiles and reads its 52 MB weight 16 times; with
+    # 2 MiB, one tile spans the 256 rows. Full-size SDXL fp32 at 512x512: 8.24 / 8.27 s vs 9.27 / 9.68 s
+    # per call (docs/cpu-tuning.md).
     "--iree-llvmcpu-matmul-tile-bytes=2097152",
 )
 
