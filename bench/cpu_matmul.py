@@ -98,8 +98,9 @@ def main() -> None:
     variants = {"packed": []} | {v.split("=", 1)[0]: v.split("=", 1)[1].split(",") for v in a.variant}
     a4 = torch.randn(4096, 4096)
     peak = 2 * 4096**3 / timed(lambda: a4 @ a4, 3) / 1e9
-    print(f"{cpu_line()}; {a.threads} threads; fp32; sgemm peak (torch.mm 4096^3) {peak:.0f} GFLOP/s; "
-          + (f"cold weights ({a.cold_mib} MiB per call), ms per matmul" if a.cold_mib else "one weight, hot"), flush=True)
+    weights = f"cold weights ({a.cold_mib} MiB per call), ms per matmul" if a.cold_mib else "one weight, hot"
+    print(f"{cpu_line()}; {a.threads} threads; fp32; sgemm peak (torch.mm 4096^3) {peak:.0f} GFLOP/s; {weights}",
+          flush=True)
     print(f"{'shape':16} {'M x N x K':>18} {'runner':14} {'ms':>8} {'GFLOP/s':>8} {'of peak':>8}")
     config = rt.Config("local-task")
     with tempfile.TemporaryDirectory() as tmp:

@@ -414,9 +414,9 @@ def test_decomposed_attention_by_head_slices(monkeypatch, per_slice, slices):
     """Bugs in the sliced decomposed attention: slices joined in the wrong order or on the wrong axis, a
     (batch row, head) pair dropped, repeated or paired with another row's keys when the 6 pairs do not
     divide evenly (5 slices of 2, 1, 1, 1, 1), the slice count ignoring the batch or the key length, a
-    slice of queries or keys instead of pairs. Cross-attention, 3 heads of width 4, 5 query and 4 key tokens, batch 2 (6 pairs,
-    120 scores): budgets of 2^20, 60, 40, 25 and 1 scores per slice give 1, 2, 3, 5 and 6 slices (never
-    more than the pairs). Reference: diffusers' `Attention` (AttnProcessor2_0)."""
+    slice of queries or keys instead of pairs. Cross-attention, 3 heads of width 4, 5 query and 4 key
+    tokens, batch 2 (6 pairs, 120 scores): budgets of 2^20, 60, 40, 25 and 1 scores per slice give 1, 2,
+    3, 5 and 6 slices (never more than the pairs). Reference: diffusers' `Attention` (AttnProcessor2_0)."""
     ref, ours = _same_weights(
         d_attn_proc.Attention(12, cross_attention_dim=7, heads=3, dim_head=4, out_bias=True), L.Attention(12, 3, 4, 7)
     )
