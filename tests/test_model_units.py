@@ -551,6 +551,18 @@ def test_transformer_2d(linear):
         _assert_matches(ours(small, ctx), ref(small, encoder_hidden_states=ctx, return_dict=False)[0])
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pointwise_conv(batch, bias):
+    """Bugs in PointwiseConv2d (the 1x1 convolution as one matmul over B*H*W pixels): the batch and channel
+    axes not swapped before the flattening or after, the bias dropped, a state-dict
+    key renamed. Non-square 3x5 map. Reference: torch's own conv2d with the same weights."""
+    ref, ours = _same_weights(torch.nn.Conv2d(6, 4, 1, bias=bias), L.PointwiseConv2d(6, 4, bias=bias))
+    x = _randn(batch, 6, 3, 5, seed=3)
+    with torch.no_grad():
+        _assert_matches(ours(x), ref(x))
+
+
 @pytest.mark.parametrize("in_ch, out_ch, scale", [(4, 8, 1.0), (8, 8, 2.0), (8, 4, 0.5)])
 def test_resnet_block(in_ch, out_ch, scale):
     """Bugs in ResnetBlock2D: the time embedding added without SiLU or at the wrong place, the shortcut conv

@@ -32,7 +32,7 @@ FP32_ONLY = {"vulkan"}
 
 
 class TinyBlock(nn.Module):
-    """The op mix of an SDXL UNet block (incl. a 1x1 shortcut conv), at toy size.
+    """The op mix of an SDXL UNet block (incl. punet's 1x1 shortcut conv), at toy size, batch 2 (a CFG step's rows).
 
     Every matmul dimension is >= 16 (Vulkan's cooperative-matrix kernels need it), and
     the 8x8 feature map is deliberately not a multiple of 16 wide.
@@ -47,13 +47,14 @@ class TinyBlock(nn.Module):
         self.to_q = nn.Linear(channels, channels, bias=False)
         self.to_kv = nn.Linear(ctx_dim, 2 * channels, bias=False)
         self.to_out = nn.Linear(channels, channels)
-        self.shortcut = nn.Conv2d(channels, channels, 1)
+        self.shortcut = layers.PointwiseConv2d(channels, channels)
         self.conv_out = nn.Conv2d(2 * channels, 4, 3, padding=1)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.decompose_attention:
-            # punet's decomposed form with one head per slice, as SDXL's self-attention at 512x512 runs it.
-            return layers.decomposed_attention(q, k, v, scores_per_slice=q.shape[0] * q.shape[2] * k.shape[2])
+            # punet's decomposed form with one (batch row, head) pair per slice, as SDXL's self-attention at
+            # 512x512 and 1024x1024 runs it.
+            return layers.decomposed_attention(q, k, v, scores_per_slice=q.shape[2] * k.shape[2])
         return F.scaled_dot_product_attention(q, k, v)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -76,7 +77,7 @@ class TinyBlock(nn.Module):
 def tiny_case(dtype: torch.dtype, decompose_attention: bool) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     torch.manual_seed(0)
     model = TinyBlock(decompose_attention=decompose_attention).to(dtype).eval()
-    args = (torch.randn(1, 4, 8, 8, dtype=dtype), torch.randn(1, 16, 16, dtype=dtype))
+    args = (torch.randn(2, 4, 8, 8, dtype=dtype), torch.randn(2, 16, 16, dtype=dtype))
     return model, args
 
 
@@ -102,8 +103,8 @@ def mlirs(tmp_path_factory) -> dict[tuple[torch.dtype, bool], Path]:
         model, args = tiny_case(dtype, decompose)
         path = root / f"tiny_{str(dtype).split('.')[-1]}_{'decomposed' if decompose else 'sdpa'}.mlir"
         aot.export(model, args=args).save_mlir(path)
-        if decompose:  # one softmax per head slice: the GPU targets compile the sliced form too
-            assert path.read_text().count("torch.aten.softmax.int") == model.heads, path
+        if decompose:  # one softmax per (row, head) slice: the GPU targets compile the sliced form too
+            assert path.read_text().count("torch.aten.softmax.int") == args[0].shape[0] * model.heads, path
         out[key] = path
     return out
 

@@ -187,6 +187,27 @@ class BasicTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 nn.Conv2d (same parameters and state-dict keys) computed as one 2-D matmul over the B*H*W pixels.
+
+    iree-compile 3.13 turns a 1x1 conv2d with batch > 1 into a contraction with two parallel output
+    dimensions (batch and pixels, apart in NCHW) that it neither data-tiles nor runs fast: at 1024x1024
+    CFG (batch 2) SDXL's shortcut convolutions took 9.8 s of an 88 s CPU call at 4% of peak
+    (docs/cpu-profile-1024-b2.md). At batch 1 the pixels are one dimension and it was already a matmul.
+    Same sums as the convolution; torch eager runs this form about as fast (0.8-1.03x the time).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        cols = x.transpose(0, 1).reshape(c, b * h * w)  # (C_in, B*H*W)
+        weight = self.weight.reshape(self.out_channels, c)
+        y = weight @ cols if self.bias is None else torch.addmm(self.bias[:, None], weight, cols)
+        return y.reshape(self.out_channels, b, h, w).transpose(0, 1)
+
+
 class Transformer2DModel(nn.Module):
     """diffusers `transformers.transformer_2d.Transformer2DModel` (continuous input)."""
 
@@ -206,14 +227,14 @@ class Transformer2DModel(nn.Module):
         if linear_projection:
             self.proj_in = nn.Linear(channels, channels)
         else:
-            self.proj_in = nn.Conv2d(channels, channels, 1)
+            self.proj_in = PointwiseConv2d(channels, channels)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, heads, head_dim, context_dim) for _ in range(depth)
         )
         if linear_projection:
             self.proj_out = nn.Linear(channels, channels)
         else:
-            self.proj_out = nn.Conv2d(channels, channels, 1)
+            self.proj_out = PointwiseConv2d(channels, channels)
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> the blocks' tokens (B, HW, C): norm, proj_in."""
@@ -261,7 +282,7 @@ class ResnetBlock2D(nn.Module):
         self.time_emb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv_shortcut = PointwiseConv2d(in_channels, out_channels) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
