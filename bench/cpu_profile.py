@@ -3,6 +3,8 @@
     python bench/cpu_profile.py --irpa /work/qfull/unet_f32.irpa --vmfb /work/qfull/unet_b1_256x256_f32.cpu.vmfb \\
         --size 256 --threads 2 --out docs/cpu-profile.md
 
+(`--size 1024 --batch 2` for the module of a 1024x1024 CFG step's two UNet rows, exported with `--batch 2`.)
+
 Writes `--out` (markdown) and the raw figures beside it (`data/<out stem>-<date>.json`). Each phase runs
 in its own child process (a full-size runner maps 10 GB of weights, and the machine has 24 GB); the
 children hand their results back as JSON files in a scratch folder.
@@ -256,7 +258,7 @@ def peak_rss_gib() -> float:
 
 
 def load_signature(a: dict):
-    """(config, signature, build record or None) for the run: the .vmfb's when given, else batch 1 fp32 at --size."""
+    """(config, signature, build record or None) for the run: the .vmfb's when given, else fp32 at --batch/--size."""
     from punet.config import UNetConfig
     from punet.signature import Signature
     from punet.weights import read_metadata
@@ -270,11 +272,13 @@ def load_signature(a: dict):
         config = UNetConfig.from_dict(info["config"])
         if sig.height != a["size"] or sig.width != a["size"]:
             raise SystemExit(f"{a['vmfb']} was compiled for {sig.height}x{sig.width}, not --size {a['size']}")
+        if sig.batch != a["batch"]:
+            raise SystemExit(f"{a['vmfb']} was compiled for batch {sig.batch}, not --batch {a['batch']}")
         if sig.cfg or sig.scheduled or sig.devices > 1 or sig.quant:
             raise SystemExit(f"{a['vmfb']}: profile a plain single-device float UNet step (no CFG/scheduled/quant)")
     else:
         config = UNetConfig.from_dict(read_metadata(a["irpa"])["config"])
-        sig = Signature(1, a["size"], a["size"])
+        sig = Signature(a["batch"], a["size"], a["size"])
     return config, sig, info
 
 
@@ -1326,6 +1330,8 @@ def main() -> None:
     p.add_argument("--packed", help="the packed archive of a module compiled with --pack-weights (`punet pack`); "
                    "--irpa stays the unpacked one torch and OpenVINO read")
     p.add_argument("--size", type=int, default=256, help="image size in pixels (default 256)")
+    p.add_argument("--batch", type=int, default=1, help="batch of the UNet step (default 1; 2 is a CFG step's "
+                   "batch, run as one plain step)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="docs/cpu-profile.md")
     p.add_argument("--runners", nargs="+", choices=RUNNERS, default=list(RUNNERS))
