@@ -1,13 +1,16 @@
 """Export a UNet with every Linear/Conv2d bias folded into its contraction, to try inner_tiled on the whole model.
 
     python docs/repro/cpu-inner-tiled-fold.py check                    # the folded forms vs the plain ones (float64)
-    python docs/repro/cpu-inner-tiled-fold.py export unet_f32.irpa out.mlir   # full model, 256x256, attention decomposed
+    python docs/repro/cpu-inner-tiled-fold.py export unet_f32.irpa out.mlir [SIZE] [--per-head]
+        # full model, SIZE x SIZE (default 256), attention decomposed; --per-head: its QK^T and PV as 2-D
+        # matmuls, one (batch row, head) at a time (inner_tiled takes no batch_matmul)
 
 Linear: y = [x, 1] @ [W, b]^T on x flattened to 2-D (inner_tiled takes matmul, not batch_matmul);
 Conv2d (odd kernel, centred padding): a ones input channel whose kernel holds the bias at the centre
 tap, which always lands inside the image. Both exact (0.0 difference in float64). The weights'
 concatenations are constant expressions: `punet pack` computes them once. What it showed
-(docs/cpu-tuning.md): the whole UNet still does not compile with inner_tiled in IREE 3.13.
+(docs/cpu-tuning.md): with attention as batch matmuls the whole UNet does not compile with inner_tiled in
+IREE 3.13; with --per-head it compiles and runs right, but slower than the packed set at 256x256.
 """
 
 import sys
@@ -48,10 +51,18 @@ if sys.argv[1] == "check":  # the folded forms against the plain ones, float64
             x = torch.randn(2, 4, 9, 9).double()
             print("conv", k, stride, (c(x) - F.conv2d(x, c.weight, c.bias, stride, k // 2)).abs().max().item())
 else:
+    import punet.model.layers as layers
     from punet.export import export_mlir
     from punet.signature import Signature
 
-    r = export_mlir(
-        sys.argv[2], sys.argv[3], sig=Signature(1, 256, 256, "float32"), decompose_attention=True, force=True
-    )
+    def per_head(q, k, v, scores_per_slice=None):
+        b, h, n, d = q.shape
+        qs, ks, vs = (t.reshape(b * h, -1, d) for t in (q, k, v))
+        return torch.stack([layers._softmax_attention(qs[i], ks[i], vs[i]) for i in range(b * h)]).reshape(q.shape)
+
+    args = [a for a in sys.argv[2:] if a != "--per-head"]
+    if "--per-head" in sys.argv:
+        layers.decomposed_attention = per_head
+    size = int(args[2]) if len(args) > 2 else 256
+    r = export_mlir(args[0], args[1], sig=Signature(1, size, size, "float32"), decompose_attention=True, force=True)
     print(r)
