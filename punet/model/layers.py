@@ -201,11 +201,16 @@ class PointwiseConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        cols = x.transpose(0, 1).reshape(c, b * h * w)  # (C_in, B*H*W)
-        weight = self.weight.reshape(self.out_channels, c)
-        y = weight @ cols if self.bias is None else torch.addmm(self.bias[:, None], weight, cols)
-        return y.reshape(self.out_channels, b, h, w).transpose(0, 1)
+        return pointwise_conv2d(x, self.weight, self.bias)
+
+
+def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """conv2d(x, weight, bias) for a 1x1 `weight` (C_out, C_in, 1, 1), as one matmul (see `PointwiseConv2d`)."""
+    b, c, h, w = x.shape
+    cols = x.transpose(0, 1).reshape(c, b * h * w)  # (C_in, B*H*W)
+    weight = weight.reshape(-1, c)
+    y = weight @ cols if bias is None else torch.addmm(bias[:, None], weight, cols)
+    return y.reshape(-1, b, h, w).transpose(0, 1)
 
 
 class Transformer2DModel(nn.Module):

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import UNetConfig
 from ..model import UNet2DConditionModel
-from ..model.layers import GEGLU, Attention, FeedForward, GroupNorm, ResnetBlock2D
+from ..model.layers import GEGLU, Attention, FeedForward, GroupNorm, ResnetBlock2D, pointwise_conv2d
 from .plan import Plan
 
 # ---- communication -------------------------------------------------------------------------
@@ -87,6 +87,8 @@ class RowParallelConv2d(nn.Conv2d):
     """The rank's input-channel slice of a Conv2d: a partial sum; the bias is added after the all-reduce."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_size == (1, 1):  # the shortcut: one matmul, as the unsharded model's `PointwiseConv2d`
+            return pointwise_conv2d(x, self.weight)
         return F.conv2d(x, self.weight, None, self.stride, self.padding)
 
 
