@@ -555,8 +555,8 @@ def test_transformer_2d(linear):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_pointwise_conv(batch, bias):
     """Bugs in PointwiseConv2d (the 1x1 convolution as one matmul over B*H*W pixels): the batch and channel
-    axes not swapped before the flattening or after, the bias dropped, a state-dict
-    key renamed. Non-square 3x5 map. Reference: torch's own conv2d with the same weights."""
+    axes not swapped before the flattening or after, the bias dropped, a state-dict key renamed.
+    Non-square 3x5 map. Reference: torch's own conv2d with the same weights."""
     ref, ours = _same_weights(torch.nn.Conv2d(6, 4, 1, bias=bias), L.PointwiseConv2d(6, 4, bias=bias))
     x = _randn(batch, 6, 3, 5, seed=3)
     with torch.no_grad():
