@@ -31,6 +31,8 @@ table. Per target (`punet compile --list-targets` prints the same rules):
   plain set, said in one line and recorded in the build record (`flag_set_note`);
 - **attention**: targets that want attention as matmul + fp32 softmax get the module re-exported
   that way from its `.signature.json` (no weights needed; cached as `<stem>_decomposed.mlir`),
+  by slices of (batch row, head) pairs on the CPU targets and all pairs at once on the GPUs
+  (`<stem>_decomposed_unsliced.mlir`; a decomposed module sliced the other way is re-exported too),
   said in one line and recorded (`attention`, `exported_from`);
 - **--plain refused**: where the plain set was measured to give wrong results.
 

@@ -195,6 +195,27 @@ def test_decomposed_attention_matches_diffusers(xl):
     assert [f.__name__ for f in decomposed.funcs_seen] == ["softmax"] * 16
 
 
+def test_unsliced_decomposed_attention(xl, monkeypatch):
+    """Bugs in the GPUs' form (`set_decomposed_attention(sliced=False)`): still cut by (row, head) pairs, a
+    layer left sliced, or the whole-batch matmuls computing something else. With a budget of 1 score per
+    slice, the sliced form calls softmax once per (row, head) pair of each of the 16 layers; unsliced, once
+    per layer. Both match diffusers."""
+    ref, ours = xl
+    x = _xl_inputs()
+    expected = _ref_xl(ref, x)
+    attns = [m for m in ours.modules() if isinstance(m, L.Attention)]
+    monkeypatch.setattr(L, "SCORES_PER_SLICE", 1)
+    try:
+        with _DtypesOf(torch.softmax) as sliced:
+            _assert_matches(_ours(ours.set_decomposed_attention(True), x), expected)
+        with _DtypesOf(torch.softmax) as whole:
+            _assert_matches(_ours(ours.set_decomposed_attention(True, sliced=False), x), expected)
+    finally:
+        ours.set_decomposed_attention(False)
+    assert len(sliced.seen) == sum(x["sample"].shape[0] * m.heads for m in attns) > 16
+    assert len(whole.seen) == 16
+
+
 def test_timestep_forms_and_per_sample_timesteps(sd):
     """Bugs in timestep handling: a number, a 0-d tensor or shape (1,) not broadcast to the batch; per-sample
     timesteps of shape (B,) not each used for their own row. Reference: diffusers given shape (B,)."""

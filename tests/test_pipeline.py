@@ -134,6 +134,39 @@ def test_decomposed_attention_has_no_fused_attention(work):
     assert rel_l2(decomposed, fused) <= 1e-5
 
 
+def test_each_target_compiles_its_attention_form(work, monkeypatch, tmp_path):
+    """Guards: a GPU target compiling the CPU's attention slices (on an H200 the sliced CUDA CFG step was
+    1.4x slower and compiled 4.6x longer: docs/benchmarks.md, run 15), the CPU losing them, and a
+    decomposed export sliced the other way compiled as it is. With a budget of 1 score per slice every
+    attention layer slices; the derived module's softmax count tells its form: one per (row, head) pair
+    for `cpu`, one per layer for `sm_80` (cross-compiled, no GPU needed)."""
+    from punet.artifacts import build_info_path
+    from punet.compile import plan_compile
+    from punet.config import UNetConfig
+    from punet.model.layers import Attention
+
+    _, irpa = work
+    monkeypatch.setattr("punet.model.layers.SCORES_PER_SLICE", 1)
+    sig = Signature(2, H, W)
+    fused = export_mlir(irpa, tmp_path / "u.mlir", sig=sig, decompose_attention=False)
+    model, config = load_model(irpa)
+    heads = [m.heads for m in model.modules() if isinstance(m, Attention)]
+    for target, softmaxes in (("cpu", sig.batch * sum(heads)), ("sm_80", len(heads))):
+        comp = compile_vmfb(fused.mlir, target)
+        info = json.loads(build_info_path(comp.vmfb).read_text())
+        assert info["attention"] == "decomposed" and info["attention_slices"] == (target == "cpu"), target
+        assert open(info["mlir"]["path"]).read().count("torch.aten.softmax.int") == softmaxes, target
+    sliced_export = json.loads(export_mlir(irpa, tmp_path / "d.mlir", sig=sig, decompose_attention=True)
+                               .signature.read_text())
+    assert sliced_export["attention_slices"] is True
+    config = UNetConfig.from_dict(sliced_export["config"])
+    sig16 = Signature(2, H, W, dtype="float16")  # the GPUs' tuned sets are for fp16
+    # gfx942 runs fused attention: a decomposed module compiles as it is.
+    for target, derive in (("cpu", False), ("sm_80", True), ("vulkan-rdna3", True), ("gfx942", False)):
+        plan = plan_compile(get_target(target), sig16, config, tuned=True, decomposed=True, sliced=True)
+        assert plan.derive_decomposed == derive and plan.attention_slices == (target == "cpu"), target
+
+
 def test_reuse_and_force(work, monkeypatch):
     """Guards: an export reused after punet's model code changed (the key held the version number only,
     and a benchmark timed an export of the previous attention code)."""

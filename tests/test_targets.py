@@ -1,8 +1,8 @@
 """Every target in punet.compile.targets compiles, plain and tuned, with the installed iree-compile.
 
 The input is a tiny SDXL-like block exported with iree-turbine (conv2d, group_norm, silu,
-linear, attention (decomposed into head slices as punet's model writes it, for the targets that
-want it), gelu, nearest upsample, cat). GPU targets are cross-compiled: no GPU is
+linear, attention (decomposed as punet's model writes it for the targets that want it: by (row, head)
+slices for the CPU targets, in one batched matmul for the GPUs), gelu, nearest upsample, cat). GPU targets are cross-compiled: no GPU is
 needed. The `cpu` target's binaries are also run and compared with torch eager.
 """
 
@@ -38,10 +38,12 @@ class TinyBlock(nn.Module):
     the 8x8 feature map is deliberately not a multiple of 16 wide.
     """
 
-    def __init__(self, channels: int = 32, ctx_dim: int = 16, heads: int = 2, decompose_attention: bool = False):
+    def __init__(
+        self, channels: int = 32, ctx_dim: int = 16, heads: int = 2, decompose_attention: bool = False, sliced: bool = True
+    ):
         super().__init__()
         self.heads = heads
-        self.decompose_attention = decompose_attention
+        self.decompose_attention, self.sliced = decompose_attention, sliced
         self.conv_in = nn.Conv2d(4, channels, 3, padding=1)
         self.norm = nn.GroupNorm(4, channels)
         self.to_q = nn.Linear(channels, channels, bias=False)
@@ -51,10 +53,12 @@ class TinyBlock(nn.Module):
         self.conv_out = nn.Conv2d(2 * channels, 4, 3, padding=1)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.decompose_attention:
-            # punet's decomposed form with one (batch row, head) pair per slice, as SDXL's self-attention at
+        if self.decompose_attention and self.sliced:
+            # punet's CPU form with one (batch row, head) pair per slice, as SDXL's self-attention at
             # 512x512 and 1024x1024 runs it.
             return layers.decomposed_attention(q, k, v, scores_per_slice=q.shape[2] * k.shape[2])
+        if self.decompose_attention:  # the GPUs' form: every pair in one batched matmul
+            return layers._softmax_attention(q, k, v)
         return F.scaled_dot_product_attention(q, k, v)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -74,9 +78,11 @@ class TinyBlock(nn.Module):
         return self.conv_out(y)
 
 
-def tiny_case(dtype: torch.dtype, decompose_attention: bool) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+def tiny_case(
+    dtype: torch.dtype, decompose_attention: bool, sliced: bool = True
+) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     torch.manual_seed(0)
-    model = TinyBlock(decompose_attention=decompose_attention).to(dtype).eval()
+    model = TinyBlock(decompose_attention=decompose_attention, sliced=sliced).to(dtype).eval()
     args = (torch.randn(2, 4, 8, 8, dtype=dtype), torch.randn(2, 16, 16, dtype=dtype))
     return model, args
 
@@ -87,24 +93,28 @@ def iree_compile_tool() -> str:
     return find_tool("iree-compile")
 
 
-def variant(target: Target) -> tuple[torch.dtype, bool]:
-    return (torch.float32 if target.name in FP32_ONLY else torch.float16), target.decompose_attention
+def variant(target: Target) -> tuple[torch.dtype, bool, bool]:
+    """(dtype, attention decomposed, by slices) of the module the target compiles."""
+    dtype = torch.float32 if target.name in FP32_ONLY else torch.float16
+    return dtype, target.decompose_attention, target.decompose_attention and target.slice_attention
 
 
 @pytest.fixture(scope="module")
 def mlirs(tmp_path_factory) -> dict[tuple[torch.dtype, bool], Path]:
-    """The tiny block exported once per (dtype, decompose_attention) that some target needs."""
+    """The tiny block exported once per (dtype, decompose_attention, sliced) that some target needs."""
     from iree.turbine import aot
 
     root = tmp_path_factory.mktemp("targets_mlir")
     out = {}
     for key in sorted({variant(t) for t in TARGETS.values()}, key=str):
-        dtype, decompose = key
-        model, args = tiny_case(dtype, decompose)
-        path = root / f"tiny_{str(dtype).split('.')[-1]}_{'decomposed' if decompose else 'sdpa'}.mlir"
+        dtype, decompose, sliced = key
+        model, args = tiny_case(dtype, decompose, sliced)
+        form = ("sliced" if sliced else "decomposed") if decompose else "sdpa"
+        path = root / f"tiny_{str(dtype).split('.')[-1]}_{form}.mlir"
         aot.export(model, args=args).save_mlir(path)
-        if decompose:  # one softmax per (row, head) slice: the GPU targets compile the sliced form too
-            assert path.read_text().count("torch.aten.softmax.int") == args[0].shape[0] * model.heads, path
+        if decompose:  # one softmax per (row, head) slice on the CPU targets, one in all on the GPUs
+            softmaxes = path.read_text().count("torch.aten.softmax.int")
+            assert softmaxes == (args[0].shape[0] * model.heads if sliced else 1), path
         out[key] = path
     return out
 
@@ -179,8 +189,8 @@ def test_cpu_matches_torch(name: str, tuned: bool, compiled) -> None:
     if name == "cpu-avx2" and not _host_has_avx2():
         pytest.skip("this host has no AVX2")
     target = get_target(name)
-    dtype, decompose = variant(target)
-    model, args = tiny_case(dtype, decompose)
+    dtype, decompose, sliced = variant(target)
+    model, args = tiny_case(dtype, decompose, sliced)
     module = ireert.load_vm_flatbuffer_file(str(compiled(name, tuned)), driver=target.driver)
     result = module.main(*[a.numpy() for a in args])
     actual = torch.from_numpy(np.asarray(result.to_host() if hasattr(result, "to_host") else result))

@@ -19,6 +19,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from ..artifacts import (
@@ -85,6 +86,12 @@ def _first_error(log: str) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
+def module_sliced(signature: dict[str, Any]) -> bool:
+    """Whether a module's decomposed attention runs by (row, head) slices (signature files before the
+    field was written were exported sliced when decomposed)."""
+    return bool(signature.get("attention_slices", signature["decompose_attention"]))
+
+
 @dataclass(frozen=True)
 class CompilePlan:
     """What compile does with a module for a target, decided before iree-compile runs."""
@@ -93,10 +100,17 @@ class CompilePlan:
     derive_decomposed: bool  # re-export the module with attention as matmul + softmax first
     attention_reason: str = ""
     note: str = ""  # one line for the user and the build record, when the plan differs from the request
+    attention_slices: bool = True  # decomposed by slices of (row, head) pairs (the CPU's form), or all at once
 
 
-def plan_compile(t: Target, sig: Signature, config: UNetConfig, *, tuned: bool, decomposed: bool) -> CompilePlan:
-    """Refuse what cannot compile (one line naming target, dtype or size), else say how to compile it."""
+def plan_compile(
+    t: Target, sig: Signature, config: UNetConfig, *, tuned: bool, decomposed: bool, sliced: bool = True
+) -> CompilePlan:
+    """Refuse what cannot compile (one line naming target, dtype or size), else say how to compile it.
+
+    `decomposed`, `sliced`: the module's attention form. A target whose set needs attention decomposed
+    gets its own form (`Target.slice_attention`): a fused module, or a decomposed one sliced the other
+    way, is re-exported from its signature."""
     if sig.dtype not in t.dtypes:
         others = [n for n, o in TARGETS.items() if o.driver == t.driver and sig.dtype in o.dtypes]
         raise PunetError(
@@ -130,7 +144,8 @@ def plan_compile(t: Target, sig: Signature, config: UNetConfig, *, tuned: bool, 
         tuned = False
     needs = t.decompose_attention if tuned else t.decompose_attention_plain
     # fp8 attention is matmul + softmax already: nothing to decompose.
-    return CompilePlan(tuned, needs and not decomposed and not sig.fp8, t.attention_reason, note)
+    derive = needs and not sig.fp8 and (not decomposed or sliced != t.slice_attention)
+    return CompilePlan(tuned, derive, t.attention_reason, note, attention_slices=t.slice_attention)
 
 
 def _run_compile(cmd: list[str], target: str, log_path: Path) -> None:
@@ -183,7 +198,7 @@ def compile_vmfb(
     signature = json.loads(sig_file.read_text())
     sig = Signature(**signature["signature"])
     plan = plan_compile(t, sig, UNetConfig.from_dict(signature["config"]), tuned=tuned,
-                        decomposed=signature["decompose_attention"])
+                        decomposed=signature["decompose_attention"], sliced=module_sliced(signature))
     for flag in extra_flags:
         if not flag.startswith("-"):
             raise UsageError(f"--flags-extra {flag!r}: expected an iree-compile flag starting with '-'")
@@ -196,11 +211,12 @@ def compile_vmfb(
         from ..export import derive_decomposed
 
         if progress:
+            form = "by slices of (row, head) pairs" if plan.attention_slices else "all (row, head) pairs at once"
             progress(
-                f"target {t.name} compiles attention as matmul + softmax ({plan.attention_reason}): "
+                f"target {t.name} compiles attention as matmul + softmax, {form} ({plan.attention_reason}): "
                 f"re-exporting {mlir.name} decomposed from its signature (no weights needed)"
             )
-        source = derive_decomposed(mlir, signature, progress=progress).mlir
+        source = derive_decomposed(mlir, signature, sliced=plan.attention_slices, progress=progress).mlir
         signature = json.loads(signature_path(source).read_text())
     if plan.note and progress:
         progress(plan.note)
@@ -266,6 +282,7 @@ def compile_vmfb(
             "flags": flags,
             "flag_set_note": plan.note,
             "attention": "decomposed" if signature["decompose_attention"] else "fused",
+            "attention_slices": module_sliced(signature),
             # Absolute paths: the record is read from other folders (punet pack, bench/cpu_profile.py).
             "exported_from": str(mlir.resolve()) if source != mlir else None,
             "command": command,

@@ -77,6 +77,16 @@ class Target:
     def __post_init__(self):  # the tuned set is never for a dtype the target refuses
         object.__setattr__(self, "tuned_dtypes", tuple(d for d in self.tuned_dtypes if d in self.dtypes))
 
+    @property
+    def slice_attention(self) -> bool:
+        """Whether decomposed attention runs by slices of (batch row, head) pairs (`punet.model.layers`).
+
+        The CPU's form: one pair's scores stay in cache (1.09x at 512x512, docs/cpu-tuning.md). On the
+        GPUs all pairs go in one batched matmul: on an H200 the slices made the CUDA CFG step at
+        1024x1024 1.4x slower (280 vs 192 ms) and its compile 4.6x longer (docs/benchmarks.md, run 15).
+        """
+        return self.backend == "llvm-cpu"
+
 
 # ---------------------------------------------------------------------------
 # Plain device flags

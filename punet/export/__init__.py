@@ -49,7 +49,11 @@ class ExportResult:
 
 
 def _meta_unet(
-    config: UNetConfig, sig: Signature, decompose_attention: bool, quantization: dict[str, Any] | None = None
+    config: UNetConfig,
+    sig: Signature,
+    decompose_attention: bool,
+    quantization: dict[str, Any] | None = None,
+    attention_slices: bool = True,
 ) -> nn.Module:
     """The UNet (float, or quantized as `quantization` says) on the meta device, weights external under SCOPE."""
     from iree.turbine import aot
@@ -62,7 +66,7 @@ def _meta_unet(
             from ..quant import quantize_from_metadata
 
             quantize_from_metadata(unet, config, quantization)
-    unet.eval().set_decomposed_attention(decompose_attention)
+    unet.eval().set_decomposed_attention(decompose_attention, attention_slices)
     aot.externalize_module_parameters(unet, external_scope=SCOPE)
     return unet
 
@@ -73,15 +77,20 @@ def build_export_model(
     decompose_attention: bool,
     scheduler: dict[str, Any] | None = None,
     quantization: dict[str, Any] | None = None,
+    attention_slices: bool = True,
 ) -> nn.Module:
-    """The module to export: the UNet, its CFG step, the serving CFG step or the scheduled UNet."""
+    """The module to export: the UNet, its CFG step, the serving CFG step or the scheduled UNet.
+
+    `attention_slices`: decomposed attention by slices of (batch row, head) pairs (the CPU's form), or all
+    pairs in one batched matmul (False: the GPUs' form)."""
     from ..model import GuidedUNet
 
     if sig.devices > 1:  # tensor- or data-parallel over several devices (punet/sharded)
         from ..sharded.export import multi_device_model
 
-        return _Entry(multi_device_model(config, sig, decompose_attention), [s.name for s in sig.inputs(config)])
-    unet = _meta_unet(config, sig, decompose_attention, quantization)
+        model = multi_device_model(config, sig, decompose_attention, attention_slices)
+        return _Entry(model, [s.name for s in sig.inputs(config)])
+    unet = _meta_unet(config, sig, decompose_attention, quantization, attention_slices)
     if sig.scheduled:
         from ..scheduled import ScheduledUNet, SchedulerConfig
         from ..signature import default_time_ids
@@ -104,11 +113,12 @@ def export_module(
     decompose_attention: bool = False,
     scheduler: dict[str, Any] | None = None,
     quantization: dict[str, Any] | None = None,
+    attention_slices: bool = True,
 ):
     """iree-turbine ExportOutput of every entry of `sig`, in a module named `sig.module_name`."""
     from iree.turbine import aot
 
-    model = build_export_model(config, sig, decompose_attention, scheduler, quantization)
+    model = build_export_model(config, sig, decompose_attention, scheduler, quantization, attention_slices)
 
     def meta_args(entry) -> tuple[torch.Tensor, ...]:
         return tuple(torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in entry.inputs)
@@ -200,19 +210,21 @@ def export_mlir(
     )
 
 
-def derive_decomposed(mlir: str | Path, signature: dict[str, Any], progress=None) -> ExportResult:
+def derive_decomposed(mlir: str | Path, signature: dict[str, Any], sliced: bool = True, progress=None) -> ExportResult:
     """The decomposed-attention twin of an exported module, re-exported from its signature file.
 
     Needs no weights: the signature holds the config, the shapes and the
     archive's provenance. Written beside `mlir` as `<stem>_decomposed.mlir`
-    and reused while up to date.
+    (attention by slices of (row, head) pairs: the CPU's form) or
+    `<stem>_decomposed_unsliced.mlir` (`sliced=False`: the GPUs' form), and
+    reused while up to date.
     """
     mlir = Path(mlir)
     sig = Signature(**signature["signature"])
-    output = mlir.with_name(f"{mlir.stem}_decomposed.mlir")
+    output = mlir.with_name(f"{mlir.stem}_decomposed{'' if sliced else '_unsliced'}.mlir")
     return _export(
         signature["config"], sig, True, output, signature["irpa"], scheduler=signature.get("scheduler"),
-        quantization=signature.get("quantization"), force=False, progress=progress,
+        quantization=signature.get("quantization"), attention_slices=sliced, force=False, progress=progress,
     )
 
 
@@ -225,13 +237,15 @@ def _export(
     *,
     scheduler: dict[str, Any] | None = None,
     quantization: dict[str, Any] | None = None,
+    attention_slices: bool = True,
     force: bool,
     progress: Callable[[str], None] | None,
 ) -> ExportResult:
     config = UNetConfig.from_dict(config_dict)
     sig_path = signature_path(output)
+    sliced = decompose_attention and attention_slices
     key = build_key(
-        config=config.to_dict(), sig=sig.to_dict(), decomposed=decompose_attention, scheduler=scheduler,
+        config=config.to_dict(), sig=sig.to_dict(), decomposed=decompose_attention, sliced=sliced, scheduler=scheduler,
         quantization=_structure(quantization), punet=__version__, source=source_digest(), torch=torch.__version__,
         turbine=_turbine_version(),
     )
@@ -245,9 +259,9 @@ def _export(
         names = ", ".join(f"{sig.module_name}.{e.name}" for e in entries)
         progress(
             f"exporting {names} (batch {sig.batch}, {sig.height}x{sig.width}, {sig.dtype}, {sig.tokens} tokens"
-            f"{', attention decomposed' if decompose_attention else ''}) with iree-turbine"
+            f"{(', attention decomposed' + ('' if sliced else ', unsliced')) if decompose_attention else ''}) with iree-turbine"
         )
-    exported = export_module(config, sig, decompose_attention, scheduler, quantization)
+    exported = export_module(config, sig, decompose_attention, scheduler, quantization, attention_slices)
     with atomic_path(output) as tmp:
         exported.save_mlir(str(tmp))
     write_json_atomic(
@@ -263,6 +277,7 @@ def _export(
             "entries": [{"name": e.name, "inputs": _specs(e.inputs), "outputs": _specs(e.outputs)} for e in entries],
             "parameter_scope": SCOPE,
             "decompose_attention": decompose_attention,
+            "attention_slices": sliced,
             "irpa": provenance,
             "config": config_dict,
             "scheduler": scheduler,

@@ -114,8 +114,11 @@ class Attention(nn.Module):
 
     `decomposed=True` writes attention as matmul + fp32 softmax + matmul
     instead of `scaled_dot_product_attention` (Vulkan cannot compile the
-    fused attention op; the CPU's data-tiled build needs it too), a slice of
-    (batch row, head) pairs at a time (`decomposed_attention`).
+    fused attention op; the CPU's data-tiled build needs it too). With
+    `sliced=True` (the CPU's form) it computes a slice of (batch row, head)
+    pairs at a time (`decomposed_attention`); with `sliced=False` all pairs in
+    one batched matmul (the GPUs' form: on CUDA the slices made the SDXL CFG
+    step 1.4x slower, docs/benchmarks.md).
     """
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None):
@@ -125,6 +128,7 @@ class Attention(nn.Module):
         self.heads = heads
         self.head_dim = head_dim
         self.decomposed = False
+        self.sliced = True
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
@@ -138,7 +142,7 @@ class Attention(nn.Module):
         k = self.to_k(context).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, M, head_dim)
         v = self.to_v(context).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, M, head_dim)
         if self.decomposed:
-            out = decomposed_attention(q, k, v)
+            out = decomposed_attention(q, k, v) if self.sliced else _softmax_attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
         out = out.transpose(1, 2).reshape(b, -1, self.heads * self.head_dim)  # (B, N, inner)

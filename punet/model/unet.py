@@ -181,11 +181,13 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, cfg.conv_out_kernel, padding=(cfg.conv_out_kernel - 1) // 2)
 
-    def set_decomposed_attention(self, enabled: bool = True) -> "UNet2DConditionModel":
-        """Write attention as matmul + softmax (for targets without fused attention)."""
+    def set_decomposed_attention(self, enabled: bool = True, sliced: bool = True) -> "UNet2DConditionModel":
+        """Write attention as matmul + softmax (for targets without fused attention), by slices of
+        (batch row, head) pairs (`sliced`: the CPU's form) or all pairs at once (the GPUs' form)."""
         for m in self.modules():
             if isinstance(m, Attention):
                 m.decomposed = enabled
+                m.sliced = sliced
         return self
 
     def embed(

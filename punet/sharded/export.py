@@ -28,7 +28,9 @@ def _place(module: nn.Module, rank: int, name=lambda key: key) -> None:
         DeviceTensorTrait(rank).set(t)
 
 
-def multi_device_model(config: UNetConfig, sig: Signature, decompose_attention: bool) -> nn.Module:
+def multi_device_model(
+    config: UNetConfig, sig: Signature, decompose_attention: bool, attention_slices: bool = True
+) -> nn.Module:
     """The UNet over `sig.tp` devices, or the CFG step over `sig.dp` devices, on the meta device."""
     from ..model import GuidedUNet, UNet2DConditionModel
 
@@ -39,7 +41,7 @@ def multi_device_model(config: UNetConfig, sig: Signature, decompose_attention: 
         plan = make_plan(config, sig.tp)
         with torch.device("meta"):
             unet = ShardedUNet(config, plan, comm).to(dtype).eval()
-        unet.set_decomposed_attention(decompose_attention)
+        unet.set_decomposed_attention(decompose_attention, attention_slices)
         for r, local in enumerate(unet.ranks):
             _place(local, r, lambda key, r=r: rank_key(key, r) if plan.is_sharded(key) else key)
         return GuidedUNet(unet) if sig.cfg else unet
@@ -47,7 +49,7 @@ def multi_device_model(config: UNetConfig, sig: Signature, decompose_attention: 
     for r in range(sig.dp):
         with torch.device("meta"):
             unet = UNet2DConditionModel(config).to(dtype).eval()
-        unet.set_decomposed_attention(decompose_attention)
+        unet.set_decomposed_attention(decompose_attention, attention_slices)
         _place(unet, r)
         unets.append(unet)
     return GuidedUNet(DataParallelUNet(unets, comm))

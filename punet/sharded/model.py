@@ -96,7 +96,7 @@ def _local_attention(a: Attention, tp: int) -> Attention:
     """Attention with this rank's heads: q/k/v column slices, to_out a row slice (partial sums)."""
     local = Attention(a.to_q.in_features, a.heads // tp, a.head_dim, a.to_k.in_features)
     local.to_out[0] = RowParallelLinear(a.to_out[0].in_features // tp, a.to_out[0].out_features)
-    local.decomposed = a.decomposed
+    local.decomposed, local.sliced = a.decomposed, a.sliced
     return local
 
 
@@ -189,9 +189,9 @@ class ShardedUNet(nn.Module):
         self.config, self.plan, self.comm = config, plan, comm
         self.ranks = nn.ModuleList(local_unet(config, plan, r) for r in range(plan.tp))
 
-    def set_decomposed_attention(self, enabled: bool = True) -> ShardedUNet:
+    def set_decomposed_attention(self, enabled: bool = True, sliced: bool = True) -> ShardedUNet:
         for m in self.ranks:
-            m.set_decomposed_attention(enabled)
+            m.set_decomposed_attention(enabled, sliced)
         return self
 
     def forward(
