@@ -287,6 +287,12 @@ _VULKAN_ATTENTION_NOTE = (
     "Attention must be exported as matmul+softmax: the SPIR-V backend fails on "
     "iree_linalg_ext.online_attention ('result #0 must be variadic of ranked tensor')."
 )
+# Measured on an NVIDIA H200, driver 580.159.04 (docs/benchmarks.md, GPU run 15), tiny-sdxl CFG step.
+_VULKAN_NVIDIA_FP16_NOTE = (
+    " On NVIDIA's driver (H200) float16 modules fail at load: 'NVVM compilation failed: 1', then "
+    "VK_ERROR_UNKNOWN from vkCreateComputePipelines (tiny-sdxl and full size alike); float32 runs "
+    "right (tiny-sdxl relative L2 4.2e-6 against torch fp32)."
+)
 
 # What every CUDA target shares: the tuned set, attention decomposed, and the measured refusal of --plain.
 _CUDA_RULES = dict(
@@ -430,6 +436,9 @@ TARGETS: dict[str, Target] = _table(
             "compiles fp32 models only: an fp16 UNet fails in group-norm reductions "
             "('uses 32768 bytes of shared memory; exceeded the limit of 16384 bytes'). Export "
             "fp32 for it, or use a vendor variant (vulkan-rdna3, vulkan-ampere, ...) for fp16. "
+            "On an NVIDIA H200 (driver 580.159.04) it loads and runs but computes wrong results "
+            "(tiny-sdxl relative L2 1.4e-1 against torch fp32, where vulkan-ampere gives 4.2e-6): "
+            "use vulkan-ampere or vulkan-ada on NVIDIA GPUs. "
             + _VULKAN_ATTENTION_NOTE
         ),
     ),
@@ -491,7 +500,7 @@ TARGETS: dict[str, Target] = _table(
             "Uses cooperative-matrix (16x16x16) kernels; IREE 3.13 fails on a matmul with a "
             "dimension below 16 ('no GPU subgroup mma compute ops generated'), e.g. a toy "
             "model with 8 text tokens. SD shapes (64/77 tokens, head dim 64) compile. "
-            + _VULKAN_ATTENTION_NOTE
+            + _VULKAN_ATTENTION_NOTE + _VULKAN_NVIDIA_FP16_NOTE
         ),
     ),
     Target(
@@ -506,7 +515,7 @@ TARGETS: dict[str, Target] = _table(
         attention_reason=_VULKAN_ATTENTION,
         dtypes=("float32", "float16"),
         dtype_reason=_VULKAN_NO_BF16,
-        notes="Same cooperative-matrix caveat as vulkan-ampere. " + _VULKAN_ATTENTION_NOTE,
+        notes="Same cooperative-matrix caveat as vulkan-ampere. " + _VULKAN_ATTENTION_NOTE + _VULKAN_NVIDIA_FP16_NOTE,
     ),
     # --------------------------------------------------------------- CUDA
     Target(
