@@ -280,6 +280,24 @@ def deepest_latent(config: UNetConfig, sig: Signature) -> tuple[int, int]:
     return -(-sig.height // LATENT_SCALE // q), -(-sig.width // LATENT_SCALE // q)
 
 
+def attention_key_lengths(config: UNetConfig, sig: Signature) -> set[int]:
+    """Every key length an attention of the UNet sees: the text tokens, and each level's feature-map
+    tokens (self-attention; the latent halved once per level by the stride-2 convolution, which rounds
+    up with diffusers' usual padding of 1 and down with `downsample_padding` 0, where one row and
+    column of zeros are padded on one side)."""
+    pad = 2 * config.downsample_padding or 1
+
+    def down(n: int) -> int:
+        return (n + pad - 3) // 2 + 1
+
+    h, w = -(-sig.height // LATENT_SCALE), -(-sig.width // LATENT_SCALE)
+    keys = {sig.tokens}
+    for _ in config.down_block_types:
+        keys.add(h * w)
+        h, w = down(h), down(w)
+    return keys
+
+
 def check_fits(config: UNetConfig, sig: Signature) -> None:
     """Refuse, in one line, an image size the model's levels shrink to a 1-pixel feature map.
 

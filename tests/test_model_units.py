@@ -374,6 +374,31 @@ def test_forward_on_the_meta_device():
         assert out.device.type == "meta" and out.shape == (2, 5, 9, 6)
 
 
+def test_attention_key_lengths_cover_the_model():
+    """Bug in `signature.attention_key_lengths` (CUDA keeps attention fused only where every key length is
+    a multiple of 16): a level's feature map rounded down instead of up, or the text length left out, so
+    an unaligned key goes unchecked. Reference: the key lengths the model's attention layers see in a
+    forward on the meta device, at a 9x6 latent and 5 text tokens; this config's `downsample_padding` 0
+    takes 9x6 to 4x3 (12 tokens), where SDXL's padding 1 would give 5x3."""
+    from punet.signature import Signature, attention_key_lengths
+
+    with torch.device("meta"):
+        ours = UNet2DConditionModel(UNetConfig.from_dict(XL))
+    seen = set()
+
+    def record(module, args, kwargs):
+        context = args[1] if len(args) > 1 else kwargs.get("context")
+        seen.add((args[0] if context is None else context).shape[1])
+
+    for m in ours.modules():
+        if isinstance(m, L.Attention):
+            m.register_forward_pre_hook(record, with_kwargs=True)
+    x = {k: v.to("meta", torch.float32) for k, v in _xl_inputs().items()}
+    ours(**x)
+    assert len(seen) >= 2  # self- and cross-attention both seen
+    assert seen <= attention_key_lengths(ours.config, Signature(2, 9 * 8, 6 * 8, tokens=5))
+
+
 # ---- layers ---------------------------------------------------------------------------------
 
 

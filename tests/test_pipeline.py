@@ -167,6 +167,31 @@ def test_each_target_compiles_its_attention_form(work, monkeypatch, tmp_path):
         assert plan.derive_decomposed == derive and plan.attention_slices == (target == "cpu"), target
 
 
+def test_cuda_keeps_aligned_attention_fused():
+    """Guards: CUDA decomposing fp16 attention whose every key length is a multiple of 16 (fused ran 1.08x
+    faster at 64 tokens on an H200: docs/benchmarks.md run 16), or keeping it fused where one key length is
+    not: 77 text tokens (fused fell to IREE's scalar kernel, 2.3x slower: runs 1-3), a 1000x1000 image
+    (a 125x125 latent), a dtype not measured fused (bf16), or a quantized module; and Vulkan, which cannot
+    compile fused attention, keeping it. SDXL's real config; `plan_compile` alone (no export)."""
+    from punet.compile import plan_compile
+    from punet.config import UNetConfig
+
+    config = UNetConfig.from_dict(json.loads(open("tests/data/configs/sdxl-base-1.0-unet.json").read()))
+    cases = [  # (target, height/width, tokens, dtype, quant) -> derive the decomposed module
+        (("sm_80", 1024, 64, "float16", ""), False),
+        (("hopper", 512, 64, "float16", ""), False),
+        (("sm_80", 1024, 77, "float16", ""), True),
+        (("sm_80", 1000, 64, "float16", ""), True),
+        (("sm_80", 1024, 64, "bfloat16", ""), True),
+        (("sm_80", 1024, 64, "float16", "int8"), True),
+        (("vulkan-ampere", 1024, 64, "float16", ""), True),
+    ]
+    for (target, px, tokens, dtype, quant), derive in cases:
+        sig = Signature(1, px, px, dtype, tokens=tokens, cfg=True, quant=quant)
+        plan = plan_compile(get_target(target), sig, config, tuned=True, decomposed=False)
+        assert plan.derive_decomposed == derive and plan.fused_kept == (not derive), (target, px, tokens, dtype)
+
+
 def test_reuse_and_force(work, monkeypatch):
     """Guards: an export reused after punet's model code changed (the key held the version number only,
     and a benchmark timed an export of the previous attention code)."""

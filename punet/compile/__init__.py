@@ -35,7 +35,7 @@ from ..artifacts import (
 from ..config import UNetConfig
 from ..errors import PunetError, UsageError
 from ..fileio import atomic_path, check_output, write_json_atomic, write_text_atomic
-from ..signature import Signature, check_fits
+from ..signature import Signature, attention_key_lengths, check_fits
 from .targets import MULTI_DEVICE_DROPPED, TARGETS, Target, compile_flags, get_target, multi_device_flags, packed_flags, quantized_flags
 
 __all__ = [
@@ -86,6 +86,15 @@ def _first_error(log: str) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
+def keeps_fused_attention(t: Target, sig: Signature, config: UNetConfig) -> bool:
+    """Whether `t` compiles this module's attention fused although its set decomposes attention: every key
+    length is a multiple of `t.fused_attention_key_multiple` (CUDA: 64 text tokens at 1024x1024, not 77)."""
+    m = t.fused_attention_key_multiple
+    return bool(m) and sig.dtype in t.fused_attention_dtypes and not sig.quant and all(
+        n % m == 0 for n in attention_key_lengths(config, sig)
+    )
+
+
 def module_sliced(signature: dict[str, Any]) -> bool:
     """Whether a module's decomposed attention runs by (row, head) slices (signature files before the
     field was written were exported sliced when decomposed)."""
@@ -101,6 +110,7 @@ class CompilePlan:
     attention_reason: str = ""
     note: str = ""  # one line for the user and the build record, when the plan differs from the request
     attention_slices: bool = True  # decomposed by slices of (row, head) pairs (the CPU's form), or all at once
+    fused_kept: bool = False  # the set decomposes attention, but this module's keys are aligned: kept fused
 
 
 def plan_compile(
@@ -143,9 +153,11 @@ def plan_compile(
         )
         tuned = False
     needs = t.decompose_attention if tuned else t.decompose_attention_plain
+    fused_kept = needs and not decomposed and keeps_fused_attention(t, sig, config)
+    needs = needs and not fused_kept
     # fp8 attention is matmul + softmax already: nothing to decompose.
     derive = needs and not sig.fp8 and (not decomposed or sliced != t.slice_attention)
-    return CompilePlan(tuned, derive, t.attention_reason, note, attention_slices=t.slice_attention)
+    return CompilePlan(tuned, derive, t.attention_reason, note, attention_slices=t.slice_attention, fused_kept=fused_kept)
 
 
 def _run_compile(cmd: list[str], target: str, log_path: Path) -> None:
@@ -218,6 +230,12 @@ def compile_vmfb(
             )
         source = derive_decomposed(mlir, signature, sliced=plan.attention_slices, progress=progress).mlir
         signature = json.loads(signature_path(source).read_text())
+    if plan.fused_kept and progress:
+        keys = ", ".join(map(str, sorted(attention_key_lengths(UNetConfig.from_dict(signature["config"]), sig))))
+        progress(
+            f"target {t.name} keeps attention fused: every key length ({keys}) is a multiple of "
+            f"{t.fused_attention_key_multiple}, where IREE's fused attention is the faster form (docs/benchmarks.md)"
+        )
     if plan.note and progress:
         progress(plan.note)
     flags = quantized_flags(t, compile_flags(t, tuned=plan.tuned), sig.quant)
