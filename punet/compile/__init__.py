@@ -209,7 +209,8 @@ def compile_vmfb(
         raise PunetError(f"{mlir}: no signature {sig_file.name} beside it (export it with `punet export`)")
     signature = json.loads(sig_file.read_text())
     sig = Signature(**signature["signature"])
-    plan = plan_compile(t, sig, UNetConfig.from_dict(signature["config"]), tuned=tuned,
+    config = UNetConfig.from_dict(signature["config"])
+    plan = plan_compile(t, sig, config, tuned=tuned,
                         decomposed=signature["decompose_attention"], sliced=module_sliced(signature))
     for flag in extra_flags:
         if not flag.startswith("-"):
@@ -231,7 +232,7 @@ def compile_vmfb(
         source = derive_decomposed(mlir, signature, sliced=plan.attention_slices, progress=progress).mlir
         signature = json.loads(signature_path(source).read_text())
     if plan.fused_kept and progress:
-        keys = ", ".join(map(str, sorted(attention_key_lengths(UNetConfig.from_dict(signature["config"]), sig))))
+        keys = ", ".join(map(str, sorted(attention_key_lengths(config, sig))))
         progress(
             f"target {t.name} keeps attention fused: every key length ({keys}) is a multiple of "
             f"{t.fused_attention_key_multiple}, where IREE's fused attention is the faster form (docs/benchmarks.md)"
