@@ -271,31 +271,32 @@ def default_time_ids(sig: Signature, rows: int, n: int) -> torch.Tensor:
     return torch.tensor(row, dtype=torch.float32).expand(rows, n).clone()
 
 
-def deepest_latent(config: UNetConfig, sig: Signature) -> tuple[int, int]:
-    """The (h, w) of the deepest feature map: the latent halved (rounding up) once per downsampling level.
-
-    Halving with rounding up k times is one division by 2**k, rounded up.
-    """
-    q = 2 ** (len(config.down_block_types) - 1)
-    return -(-sig.height // LATENT_SCALE // q), -(-sig.width // LATENT_SCALE // q)
-
-
-def attention_key_lengths(config: UNetConfig, sig: Signature) -> set[int]:
-    """Every key length an attention of the UNet sees: the text tokens, and each level's feature-map
-    tokens (self-attention; the latent halved once per level by the stride-2 convolution, which rounds
-    up with diffusers' usual padding of 1 and down with `downsample_padding` 0, where one row and
-    column of zeros are padded on one side)."""
+def level_sizes(config: UNetConfig, sig: Signature) -> list[tuple[int, int]]:
+    """The (h, w) of each level's feature map, from the latent down: halved once per level by the
+    stride-2 3x3 convolution, which rounds up with diffusers' usual padding of 1 and down with
+    `downsample_padding` 0 (one row and column of zeros padded on one side, then no padding)."""
     pad = 2 * config.downsample_padding or 1
 
     def down(n: int) -> int:
         return (n + pad - 3) // 2 + 1
 
     h, w = -(-sig.height // LATENT_SCALE), -(-sig.width // LATENT_SCALE)
-    keys = {sig.tokens}
-    for _ in config.down_block_types:
-        keys.add(h * w)
+    sizes = [(h, w)]
+    for _ in config.down_block_types[1:]:
         h, w = down(h), down(w)
-    return keys
+        sizes.append((h, w))
+    return sizes
+
+
+def deepest_latent(config: UNetConfig, sig: Signature) -> tuple[int, int]:
+    """The (h, w) of the deepest feature map (`level_sizes`' last)."""
+    return level_sizes(config, sig)[-1]
+
+
+def attention_key_lengths(config: UNetConfig, sig: Signature) -> set[int]:
+    """Every key length an attention of the UNet sees: the text tokens, and each level's feature-map
+    tokens (self-attention)."""
+    return {sig.tokens} | {h * w for h, w in level_sizes(config, sig)}
 
 
 def check_fits(config: UNetConfig, sig: Signature) -> None:
@@ -311,7 +312,9 @@ def check_fits(config: UNetConfig, sig: Signature) -> None:
     if min(deepest) >= 2:
         return
     key, px = ("height", sig.height) if deepest[0] < 2 else ("width", sig.width)
-    need = 2 ** (levels - 1) + 1  # the smallest latent side still >= 2 after levels - 1 halvings
+    need = 1  # the smallest latent side still >= 2 at the deepest level
+    while min(deepest_latent(config, Signature(1, need * LATENT_SCALE, need * LATENT_SCALE))) < 2:
+        need += 1
     raise PunetError(
         f"{key} {px} px: the latent ({px // LATENT_SCALE}) is halved {levels - 1} times by the model's {levels} "
         f"levels down to 1x1, which IREE cannot compile; use a {key} of at least {need * LATENT_SCALE} px"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -200,40 +201,57 @@ def test_builtin_refiner_has_the_refiners_time_ids():
     assert torch.equal(x["time_ids"], torch.tensor([[64.0, 96.0, 0.0, 0.0, 6.0]]))
 
 
-def _conv_deepest(config: UNetConfig, sig: Signature) -> tuple[int, int]:
-    """The deepest feature map's size by torch's own conv arithmetic: one stride-2 3x3 conv (padding 1,
-    diffusers' Downsample2D) per level but the last, on a meta tensor of the latent's size."""
+def _conv_deepest(config: UNetConfig, sig: Signature) -> tuple[int, int] | None:
+    """The deepest feature map's size by torch's own conv arithmetic: one stride-2 3x3 conv per level
+    but the last, as diffusers' Downsample2D runs it (padding 1; or with `downsample_padding` 0, a row
+    and column of zeros padded on one side, then no padding), on a meta tensor of the latent's size.
+    None where torch refuses the convolution (a map smaller than the kernel: the model cannot run)."""
     x = torch.empty(1, 1, sig.height // 8, sig.width // 8, device="meta")
     w = torch.empty(1, 1, 3, 3, device="meta")
     for _ in range(len(config.down_block_types) - 1):
-        x = torch.nn.functional.conv2d(x, w, stride=2, padding=1)
+        if config.downsample_padding == 0:
+            x = torch.nn.functional.pad(x, (0, 1, 0, 1))
+        if min(x.shape[-2:]) + 2 * config.downsample_padding < 3:
+            return None
+        x = torch.nn.functional.conv2d(x, w, stride=2, padding=config.downsample_padding)
     return tuple(x.shape[-2:])
 
 
-@pytest.mark.parametrize("config", [SDXL, SD15], ids=["3-levels", "4-levels"])
+SDXL_PAD0 = dataclasses.replace(SDXL, downsample_padding=0)
+
+
+@pytest.mark.parametrize("config", [SDXL, SD15, SDXL_PAD0], ids=["3-levels", "4-levels", "padding-0"])
 def test_deepest_latent_is_the_downsampled_size(config):
-    """Bugs in `deepest_latent`: halving rounded down, a level too many or too few, a float size.
-    Reference: torch's conv output size through the model's stride-2 downsamplers."""
+    """Bugs in `deepest_latent`: halving rounded down at padding 1 (or up at `downsample_padding` 0), a
+    level too many or too few, a float size. Reference: torch's conv output size through the model's
+    stride-2 downsamplers."""
     for height in range(8, 8 * 40, 8):
         sig = Signature(1, height, 8 * 37)
-        got = deepest_latent(config, sig)
-        assert got == _conv_deepest(config, sig) and all(type(v) is int for v in got), height
+        got, expected = deepest_latent(config, sig), _conv_deepest(config, sig)
+        assert all(type(v) is int for v in got), height
+        assert got == expected if expected else min(got) < 2, height
 
 
-@pytest.mark.parametrize("config, levels", [(SDXL, 3), (SD15, 4)], ids=["3-levels", "4-levels"])
-def test_check_fits_refuses_exactly_the_sizes_that_reach_1x1(config, levels):
+@pytest.mark.parametrize(
+    "config, levels, need_px",
+    [(SDXL, 3, 40), (SD15, 4, 72), (SDXL_PAD0, 3, 64)],
+    ids=["3-levels", "4-levels", "padding-0"],
+)
+def test_check_fits_refuses_exactly_the_sizes_that_reach_1x1(config, levels, need_px):
     """Bugs in `check_fits`: a size refused that still leaves a 2x2 deepest map (or one let through that
-    does not), the wrong side named, a wrong smallest size suggested. Reference: torch's conv arithmetic
-    (`_conv_deepest`); the smallest passing side is the suggested one."""
-    need_px = 8 * (2 ** (levels - 1) + 1)
+    does not; with `downsample_padding` 0 the halving rounds down: 56 px -> 7 -> 3 -> 1), the wrong side
+    named, a wrong smallest size suggested. Reference: torch's conv arithmetic (`_conv_deepest`); the
+    smallest passing side (5 -> 3 -> 2; 9 -> 5 -> 3 -> 2; 8 -> 4 -> 2) is the suggested one."""
+    assert min(_conv_deepest(config, Signature(1, need_px - 8, need_px))) < 2
+    assert min(_conv_deepest(config, Signature(1, need_px, need_px))) >= 2
     for height in range(8, 2 * need_px, 8):
         for width in (need_px - 8, need_px, need_px + 8):
             sig = Signature(1, height, width)
-            deepest = _conv_deepest(config, sig)
-            if min(deepest) >= 2:
+            fits = [min(_conv_deepest(config, Signature(1, n, n)) or (0,)) >= 2 for n in (height, width)]
+            if all(fits):
                 check_fits(config, sig)
                 continue
-            key, px = ("height", height) if deepest[0] < 2 else ("width", width)
+            key, px = ("height", height) if not fits[0] else ("width", width)
             message = (
                 f"{key} {px} px: the latent ({px // 8}) is halved {levels - 1} times by the model's {levels} "
                 f"levels down to 1x1, which IREE cannot compile; use a {key} of at least {need_px} px"
