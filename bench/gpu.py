@@ -44,7 +44,11 @@ def peak_for(name: str) -> float | None:
     return next((v for key, v in PEAK_FP16_TFLOPS.items() if key in name), None)
 
 
-def time_calls(call, sync, warmup: int, repeat: int) -> list[float]:
+def time_calls(call, sync, warmup: int, repeat: int, budget_s: float = float("inf")) -> list[float]:
+    """Milliseconds of each of `repeat` synchronised calls after `warmup` untimed ones; a row whose
+    calls (warm-up included) pass `budget_s` stops early, after at least 3 timed calls (a slow
+    runner, e.g. fp32 on CUDA at 7 s a step, must not eat the device time of the rows after it)."""
+    start = time.perf_counter()
     for _ in range(warmup):
         call()
         sync()
@@ -54,6 +58,8 @@ def time_calls(call, sync, warmup: int, repeat: int) -> list[float]:
         call()
         sync()
         out.append((time.perf_counter() - t0) * 1e3)
+        if len(out) >= 3 and time.perf_counter() - start > budget_s:
+            break
     return out
 
 
@@ -87,6 +93,8 @@ def main() -> None:
     p.add_argument("--irpa", required=True, help="parameter archive generated on this machine")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--row-budget", type=float, default=60.0, metavar="S",
+                   help="stop a runner's timed calls once its calls took S seconds (at least 3 calls; default 60)")
     p.add_argument("--torch-device", default="cuda", help="cuda (default), or cpu for a smoke test")
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile (last; slow to compile)")
     p.add_argument("--json", help="write the figures here (rewritten after every runner)")
@@ -121,7 +129,7 @@ def main() -> None:
 
     def record(name: str, load_s: float, ms: list[float], out, note: str = "") -> None:
         row = {"runner": name, "load_s": round(load_s, 2), "median_ms": statistics.median(ms), "min_ms": min(ms),
-               "samples_ms": ms, "rel_l2_vs_torch_fp16": rel_l2(out, ref16), "rel_l2_vs_torch_fp32": rel_l2(out, ref32),
+               "calls": len(ms), "samples_ms": ms, "rel_l2_vs_torch_fp16": rel_l2(out, ref16), "rel_l2_vs_torch_fp32": rel_l2(out, ref32),
                "note": note}
         report["rows"].append(row)
         print(f"  {name}: load {load_s:.1f} s, median {row['median_ms']:.1f} ms, "
@@ -141,7 +149,7 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     xg = {k: v.to(dev) for k, v in x.items()}
     ref16 = call_model(model, xg).float().cpu()
-    ms = time_calls(lambda: call_model(model, xg), sync, a.warmup, a.repeat)
+    ms = time_calls(lambda: call_model(model, xg), sync, a.warmup, a.repeat, a.row_budget)
     record(f"torch eager {sig.dtype} (SDPA)", load_s, ms, ref16, "load_s includes an fp32 reference call")
     if dev == "cuda":  # the same kernels replayed as a CUDA graph: torch's time without host launch overhead
         try:
@@ -155,7 +163,7 @@ def main() -> None:
                 static_out = call_model(model, xg)
             graph.replay()
             sync()
-            ms = time_calls(graph.replay, sync, a.warmup, a.repeat)
+            ms = time_calls(graph.replay, sync, a.warmup, a.repeat, a.row_budget)
             record(f"torch eager {sig.dtype} (SDPA) as a CUDA graph", 0.0, ms, static_out.float().cpu(),
                    "kernels of the eager model captured once and replayed: no Python/launch overhead")
             del graph, static_out
@@ -177,7 +185,7 @@ def main() -> None:
             args = session.to_device(x)
             out = session.to_torch(session.call(args)).float()  # the first call JIT-compiles kernels
             load_s = time.perf_counter() - t0
-            ms = time_calls(lambda: session.to_torch(session.call(args)), lambda: None, a.warmup, a.repeat)
+            ms = time_calls(lambda: session.to_torch(session.call(args)), lambda: None, a.warmup, a.repeat, a.row_budget)
         except Exception as e:  # a missing driver is reported; the other runners still run
             print(f"  skip {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
             report["rows"].append({"runner": name, "error": f"{type(e).__name__}: {e}"[:2000]})
@@ -193,19 +201,19 @@ def main() -> None:
         out = call_model(compiled, xg)
         sync()
         load_s = time.perf_counter() - t0
-        ms = time_calls(lambda: call_model(compiled, xg), sync, a.warmup, a.repeat)
+        ms = time_calls(lambda: call_model(compiled, xg), sync, a.warmup, a.repeat, a.row_budget)
         record(f"torch.compile {sig.dtype} (inductor, default mode)", load_s, ms, out.float().cpu(),
                "load_s = first call, i.e. compile time")
 
     rows = [r for r in report["rows"] if "median_ms" in r]
     base = rows[0]["median_ms"]
     print(f"\n{gpu}; SDXL UNet {sig.entry} batch {sig.batch}, {sig.height}x{sig.width}, {sig.dtype}"
-          + (f"; {tflop} TFLOP/step" if tflop else "") + f"; {a.repeat} calls after {a.warmup} warm-up")
-    print(f"{'runner':44} {'load s':>7} {'ms/step':>9} {'vs torch':>9} {'of peak':>8} {'L2 vs fp16':>11} {'L2 vs fp32':>11}")
+          + (f"; {tflop} TFLOP/step" if tflop else "") + f"; median of up to {a.repeat} calls after {a.warmup} warm-up ({a.row_budget:g} s a row at most)")
+    print(f"{'runner':44} {'load s':>7} {'calls':>5} {'ms/step':>9} {'vs torch':>9} {'of peak':>8} {'L2 vs fp16':>11} {'L2 vs fp32':>11}")
     for r in rows:
         m = r["median_ms"]
         frac = f"{tflop / (m / 1e3) / peak:.0%}" if (peak and tflop) else "n/a"
-        print(f"{r['runner']:44} {r['load_s']:7.1f} {m:9.1f} {base / m:8.2f}x {frac:>8} "
+        print(f"{r['runner']:44} {r['load_s']:7.1f} {r['calls']:5d} {m:9.1f} {base / m:8.2f}x {frac:>8} "
               f"{r['rel_l2_vs_torch_fp16']:11.2e} {r['rel_l2_vs_torch_fp32']:11.2e}")
 
 

@@ -36,3 +36,26 @@ def test_flop_count_of_sdxl_matches_the_known_figure():
     cfg = UNetConfig.from_json(ROOT / "tests" / "data" / "configs" / "sdxl-base-1.0-unet.json")
     assert round(count_flops(cfg, Signature(1, 512, 512)) / 1e12, 2) == 1.59
     assert round(count_flops(cfg, Signature(1, 1024, 1024, cfg=True)) / 1e12, 2) == 13.52
+
+
+def test_gpu_rows_stop_at_their_time_budget(monkeypatch):
+    """Bugs in `bench/gpu.py`'s `time_calls`: a slow row runs all its `--repeat` calls (an fp32 CUDA row
+    at 7 s a call ate a whole device call in run 16), stops before 3 timed calls, counts the warm-up in
+    the figures, leaves the warm-up out of the budget, or stops a row that is within it. Reference: a clock that advances 10 s per
+    call, so the calls' count follows from the budget by hand."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    clock = [0.0]
+    monkeypatch.setattr(gpu.time, "perf_counter", lambda: clock[0])
+
+    def call():
+        clock[0] += 10.0
+
+    # warm-up 0-10 s, timed calls end at 20, 30, 40 s: the third passes the 25 s budget
+    assert gpu.time_calls(call, lambda: None, 1, 10, budget_s=25.0) == [10_000.0] * 3
+    # a budget of 0 still gives 3 calls; a budget of 200 s lets all 10 run
+    assert len(gpu.time_calls(call, lambda: None, 2, 10, budget_s=0.0)) == 3
+    assert len(gpu.time_calls(call, lambda: None, 1, 10, budget_s=200.0)) == 10
+    # the budget counts the warm-up: calls end at 20, 30, 40, 50 s; the fourth passes 45 s
+    assert len(gpu.time_calls(call, lambda: None, 1, 10, budget_s=45.0)) == 4
