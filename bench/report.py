@@ -19,19 +19,26 @@ SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx")
 
 
-def fp32_flop_per_cycle() -> int:
-    """Peak fp32 FLOP per cycle per core: 2 FMA pipes x lanes x 2 (AVX-512: 16 lanes, AVX2: 8)."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line
-                break
-    except OSError:
-        pass
+def fp32_flop_per_cycle(cpuinfo: str | None = None) -> tuple[int, str]:
+    """Peak fp32 FLOP per cycle per core, and why: 2 FMA pipes x fp32 lanes x 2. AVX-512 has 16 lanes,
+    except on AMD Zen 4 (family 25), which runs 512-bit FMAs on its two 256-bit pipes (8 lanes each)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, val = line.partition(":")
+        fields.setdefault(key.strip(), val.strip())
+    flags = set(fields.get("flags", "").split())
     if "avx512f" in flags:
-        return 64
-    return 32 if "fma" in flags else 8
+        if fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25":
+            return 32, "AVX-512 on Zen 4: 2 FMA pipes x 8 fp32 lanes (256-bit) x 2"
+        return 64, "AVX-512: 2 FMA units x 16 fp32 lanes x 2"
+    if "avx2" in flags and "fma" in flags:
+        return 32, "AVX2+FMA: 2 FMA units x 8 fp32 lanes x 2"
+    return 16, "SSE: 2 units x 4 lanes x 2"
 
 
 def cpu_ghz() -> float | None:
@@ -62,7 +69,7 @@ def rows(results: dict, tflop: dict, peak_tflops: float | None) -> list[dict]:
     for s in results["stages"]:
         if s["stage"] in ("export", "compile"):
             key = (s["size"], "iree " + s["dtype"])
-            builds[key] = builds.get(key, 0.0) + s["seconds"]
+            builds[key] = builds.get(key, 0.0) + s.get("built_s", s["seconds"])
         elif s["stage"] == "openvino convert":
             for dtype in SHORT:  # one float32 IR serves every OpenVINO precision
                 builds[(s["size"], "openvino " + dtype)] = s["seconds"]
@@ -103,7 +110,7 @@ def render(results: dict, chart: Path | None = None) -> str:
     host = results["host"]
     threads = results.get("threads") or host["cores"]
     ghz = host.get("ghz", cpu_ghz())
-    per_cycle = host.get("fp32_flop_per_cycle") or fp32_flop_per_cycle()
+    per_cycle = host.get("fp32_flop_per_cycle") or fp32_flop_per_cycle()[0]
     peak_tflops = ghz * per_cycle * threads / 1e3 if ghz else None
     tflop = results.get("tflop_per_call", {})
     model = results.get("model", {})
@@ -151,7 +158,8 @@ def render(results: dict, chart: Path | None = None) -> str:
            if peak_tflops else "")
         + ", the fraction of that peak reached (blank where the FLOP count is not known: full-size SDXL "
         "config only). Rel L2, peak RSS, load and first call: one probe process per runner (load + one "
-        "call; ru_maxrss, memory-mapped weights count). Build: IREE export + iree-compile, OpenVINO "
+        "call; ru_maxrss, memory-mapped weights count). Build: IREE export + iree-compile (a reused up-to-date "
+        "module counts its own compile time, from its build record), OpenVINO "
         "`convert_model` + `save_model` (stages below); load: the .vmfb + .irpa, `compile_model` of the IR, "
         "or the torch model; first call: torch.compile compiles there.",
         "",
@@ -186,7 +194,10 @@ def render(results: dict, chart: Path | None = None) -> str:
     lines += ["", "### Stages", "", "| stage | size | dtype | seconds | peak RSS GiB |",
               "| --- | --- | --- | ---: | ---: |"]
     for s in results["stages"]:
-        lines.append(f"| {s['stage']} | {s.get('size', '')} | {s['dtype']} | {s['seconds']:.1f} | "
+        note = ""
+        if s.get("reused"):
+            note = f" (reused: up to date{'; built in %.1f s' % s['built_s'] if 'built_s' in s else ''})"
+        lines.append(f"| {s['stage']} | {s.get('size', '')} | {s['dtype']} | {s['seconds']:.1f}{note} | "
                      f"{s['peak_rss_gib']:.2f} |")
     if chart:
         lines += ["", f"![latency per runner and size]({chart.name})"]

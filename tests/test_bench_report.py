@@ -114,3 +114,52 @@ def test_markers_added_to_a_file_without_title_or_missing(tmp_path):
     plain.write_text(f"{report.BEGIN}\n{report.BEGIN}\n{report.END}\n")
     with pytest.raises(ValueError):
         report.write_report(fake_results(), plain, chart=False)
+
+
+def test_a_reused_module_counts_its_own_build_time(tmp_path):
+    """Bug: a suite run that reuses an up-to-date module (`punet compile` in 2 s) reported that 2 s as the
+    IREE build time (the first Zen 4 run with torch.compile showed 43.8 s for a 142 s build). Reference:
+    the build record's compile time, added to the export stage by hand; the stage row says it was reused."""
+    results = fake_results()
+    results["stages"] += [
+        {"stage": "export", "size": 64, "dtype": "float32", "seconds": 40.0, "peak_rss_gib": 0.6},
+        {"stage": "compile", "size": 64, "dtype": "float32", "seconds": 2.0, "peak_rss_gib": 0.3,
+         "reused": True, "built_s": 142.0},
+        {"stage": "compile", "size": 128, "dtype": "float32", "seconds": 150.0, "peak_rss_gib": 0.8},
+    ]
+    out = tmp_path / "b.md"
+    report.write_report(results, out, chart=False)
+    text = out.read_text()
+    assert table_row(text, 64, "IREE fp32")[9] == "182.0"
+    assert table_row(text, 128, "IREE fp32")[9] == "150.0"
+    assert "| compile | 64 | float32 | 2.0 (reused: up to date; built in 142.0 s) | 0.30 |" in text
+    assert "| compile | 128 | float32 | 150.0 | 0.80 |" in text
+
+
+def test_suite_reads_reuse_from_the_punet_logs(tmp_path):
+    """Bug: the suite's reuse check out of step with what `punet compile` / `punet pack` print when they
+    reuse an output. Reference: those commands' own messages (punet/cli.py: compile, pack)."""
+    import suite
+
+    cli = (ROOT / "punet" / "cli.py").read_text()
+    assert "is up to date (reused; --force rebuilds)" in cli and "is up to date (reused; --force packs again)" in cli
+    log = tmp_path / "compile.log"
+    log.write_text("x.vmfb is up to date (reused; --force rebuilds)\n")
+    assert suite.reused(log)
+    log.write_text("compiled x.vmfb in 140 s\n")
+    assert not suite.reused(log)
+
+
+@pytest.mark.parametrize("vendor, family, flags, expected", [
+    ("AuthenticAMD", "25", "fma avx2 avx512f avx512_bf16", 32),  # Zen 4: 512-bit FMAs on 256-bit pipes
+    ("AuthenticAMD", "26", "fma avx2 avx512f", 64),  # Zen 5: full-width pipes
+    ("GenuineIntel", "6", "fma avx2 avx512f avx512_vnni", 64),  # Ice Lake / Emerald Rapids
+    ("AuthenticAMD", "25", "fma avx2", 32),  # Zen 3
+    ("GenuineIntel", "6", "sse4_2", 16),
+], ids=["zen4", "zen5", "xeon", "zen3", "sse"])
+def test_flop_per_cycle_follows_the_cpu(vendor, family, flags, expected):
+    """Bug: every AVX-512 CPU taken as 64 fp32 FLOP per cycle, so the suite's floor on a Zen 4 (which
+    splits 512-bit FMAs over 256-bit pipes) was half the true one and its "floor / time" half the real
+    fraction. Reference: the vendors' pipe widths (AMD's Zen 4 / Zen 5 optimisation guides)."""
+    text = f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nflags\t\t: {flags}\n"
+    assert report.fp32_flop_per_cycle(text)[0] == expected
