@@ -59,3 +59,18 @@ def test_gpu_rows_stop_at_their_time_budget(monkeypatch):
     assert len(gpu.time_calls(call, lambda: None, 1, 10, budget_s=200.0)) == 10
     # the budget counts the warm-up: calls end at 20, 30, 40, 50 s; the fourth passes 45 s
     assert len(gpu.time_calls(call, lambda: None, 1, 10, budget_s=45.0)) == 4
+
+
+def test_profile_shares_overlapping_dispatches():
+    """Bug in `bench/cpu_profile.py`'s `attribute_overlap`: dispatches that ran side by side (a layer's K and
+    V projections on one worker each) each charged their whole span, so the kinds added up to 112% of the
+    call and both looked half idle (the first Zen 4 profile). Reference: shares worked out by hand; they
+    add up to the union of the intervals."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from cpu_profile import attribute_overlap
+
+    # A alone 0-10; A and B together 10-20; B alone 20-30; C after a gap; D empty; E and F identical.
+    ivs = [(0, 20), (10, 30), (40, 50), (55, 55), (60, 70), (60, 70)]
+    assert attribute_overlap(ivs) == [15, 15, 10, 0, 5, 5]
+    assert attribute_overlap([(0, 12), (6, 12), (6, 12)]) == [8, 2, 2]  # three at once share 6-12
+    assert sum(attribute_overlap(ivs)) == 20 + 10 + 10 + 10  # the union: 0-30, 40-50, 60-70
