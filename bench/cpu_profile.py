@@ -10,9 +10,9 @@ in its own child process (a full-size runner maps 10 GB of weights, and the mach
 children hand their results back as JSON files in a scratch folder.
 
 Phases, in order:
-  peak      a large fp32 sgemm (torch.mm) with `--threads` threads: the measured FLOP rate every
-            "% of peak" below is taken against; the datasheet-style peak (GHz x FLOP/cycle x threads)
-            is printed beside it.
+  peak      a large fp32 sgemm with `--threads` threads, by torch.mm and by IREE (punet's cpu flags):
+            the faster one's FLOP rate is what every "% of peak" below is taken against (MKL is slow
+            on AMD CPUs); the datasheet-style peak (GHz x FLOP/cycle x threads) is printed beside it.
   flops     FLOPs per kind from torch.utils.flop_counter's formulas on the meta device (attention
             decomposed, so QK^T and PV are counted apart); floor seconds = FLOPs / measured rate.
   iree      the .vmfb under IREE's host-execution profiling (iree-benchmark-module, `--iree-calls`
@@ -20,7 +20,8 @@ Phases, in order:
             dispatches grouped by kind from their names, refined with the module's flow-level IR
             (iree-compile --compile-to=flow of the exported .mlir beside the .vmfb) for what the
             names do not tell: conv stride, a 1x1 conv lowered to a matmul, attention QK^T vs PV,
-            GroupNorm vs LayerNorm reductions.
+            GroupNorm vs LayerNorm reductions. Dispatches that ran side by side share the time they
+            overlapped, so the kinds add up to the call.
   torch     torch.profiler over one eager call of punet's model (after a warm-up), aten ops grouped by
             the module that ran them (forward hooks mark module scopes).
   openvino  ov.convert_model of the same model, compiled for CPU with per-node performance counters.
