@@ -605,17 +605,25 @@ def classify_dispatch(key: str, flow: dict | None, modules: dict, groups: int) -
     return kind, "name"
 
 
-def write_npy_inputs(config, sig, work: Path) -> list[Path]:
+def write_inputs(config, sig, work: Path) -> list[str]:
+    """The call's inputs as iree-benchmark-module `--input` values: .npy files, and raw files with their
+    shape and type for bfloat16, which numpy cannot hold."""
     import numpy as np
+    import torch
 
     from punet.signature import make_inputs
 
-    paths = []
+    values = []
     for i, (name, t) in enumerate(make_inputs(config, sig, 0).items()):
-        p = work / f"input{i}_{name}.npy"
-        np.save(p, t.numpy())
-        paths.append(p)
-    return paths
+        if t.dtype == torch.bfloat16:
+            p = work / f"input{i}_{name}.bin"
+            p.write_bytes(t.contiguous().view(torch.uint16).numpy().tobytes())
+            values.append(f"{'x'.join(map(str, t.shape))}xbf16=@{p}")
+        else:
+            p = work / f"input{i}_{name}.npy"
+            np.save(p, t.numpy())
+            values.append(f"@{p}")
+    return values
 
 
 def flow_map(a: dict, info: dict, work: Path) -> tuple[dict | None, str]:
@@ -681,13 +689,13 @@ def phase_iree(a: dict) -> dict:
     flow, flow_note = flow_map(a, info, work)
     if flow is None:
         say(f"no flow-level IR ({flow_note}): conv strides and matmul roles stay unclassified")
-    inputs = write_npy_inputs(config, sig, work)
+    inputs = write_inputs(config, sig, work)
     prof = work / "iree.ireeprof"
     calls = a["iree_calls"]
     cmd = [
         iree_tool("iree-benchmark-module"), f"--module={a['vmfb']}", f"--parameters=model={a['irpa']}",
         *([f"--parameters={info['packed']['scope']}={a['packed']}"] if a.get("packed") else []),
-        "--device=local-task", f"--function={info['entry']}", *[f"--input=@{p}" for p in inputs],
+        "--device=local-task", f"--function={info['entry']}", *[f"--input={v}" for v in inputs],
         f"--task_topology_max_group_count={a['threads']}", f"--benchmark_min_time={calls}x",
         "--device_profiling_mode=host-execution", f"--device_profiling_output={prof}",
         # The recorder holds 8192 host events between flushes: unflushed, a 512x512 call (3,500 dispatches)
