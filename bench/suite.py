@@ -198,15 +198,16 @@ def main() -> None:
             s, rss = run_child(export, logs / f"export_{size}_{dtype}.log")
             results["stages"].append({"stage": "export", "size": size, "dtype": dtype, "seconds": s, "peak_rss_gib": rss})
             compile_ = punet("compile", str(mlir), "--target", "cpu", "--pack-weights")
-            s, rss = run_child(compile_, logs / f"compile_{size}_{dtype}.log")
+            compile_log, pack_log = logs / f"compile_{size}_{dtype}.log", logs / f"pack_{size}_{dtype}.log"
+            s, rss = run_child(compile_, compile_log)
             vmfb = runner_spec("iree", dtype, work, size)["vmfb"]
             stage = {"stage": "compile", "size": size, "dtype": dtype, "seconds": s, "peak_rss_gib": rss}
-            if reused(logs / f"compile_{size}_{dtype}.log"):  # the build s column takes the build's own time
+            if reused(compile_log):  # the build s column takes the build's own time
                 stage.update(reused=True, built_s=json.loads(Path(vmfb + ".json").read_text())["compile_seconds"])
             results["stages"].append(stage)
-            s, rss = run_child(punet("pack", vmfb, str(irpa)), logs / f"pack_{size}_{dtype}.log")
+            s, rss = run_child(punet("pack", vmfb, str(irpa)), pack_log)
             results["stages"].append({"stage": "pack", "size": size, "dtype": dtype, "seconds": s, "peak_rss_gib": rss,
-                                      "reused": reused(logs / f"pack_{size}_{dtype}.log")})
+                                      "reused": reused(pack_log)})
         if "openvino" in a.peers and peer_types:
             # One child converts and saves the IR, so no benchmark process holds the torch model and the
             # converted one at once; the workers read the IR back.
