@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 PHASES = ("peak", "flops", "iree", "torch", "openvino")
@@ -929,14 +930,17 @@ def phase_openvino(a: dict) -> dict:
 
     import openvino as ov
     import torch
+    from worker import OV_PRECISION
 
     from punet.signature import make_inputs
     from punet.weights import load_model
 
     torch.set_num_threads(a["threads"])
     _, sig, _ = load_signature(a)
-    model, config = load_model(a["irpa"])
-    x = make_inputs(config, sig, 0)
+    # As in bench/suite.py: the float32 model converted, and the module's dtype asked of the CPU plugin.
+    hint = OV_PRECISION.get(sig.dtype, "f32")
+    model, config = load_model(a["irpa"], dtype="float32")
+    x = make_inputs(config, replace(sig, dtype="float32"), 0)
     names = list(x)
 
     class Positional(torch.nn.Module):  # convert_model traces positional inputs
@@ -956,7 +960,7 @@ def phase_openvino(a: dict) -> dict:
     core = ov.Core()
     t0 = time.perf_counter()
     compiled = core.compile_model(ov_model, "CPU", {"PERF_COUNT": True, "INFERENCE_NUM_THREADS": a["threads"],
-                                                     "INFERENCE_PRECISION_HINT": "f32"})
+                                                     "INFERENCE_PRECISION_HINT": hint})
     compile_s = time.perf_counter() - t0
     del ov_model
     gc.collect()
@@ -1004,7 +1008,7 @@ def phase_openvino(a: dict) -> dict:
     per_kind[K_GAP] += max(0.0, wall - summed)
     say(f"warm-up {warm:.3f} s, profiled call {wall:.3f} s, node times sum to {summed:.3f} s")
     return {"total_s": wall, "per_kind": dict(per_kind), "warmup_s": warm, "convert_s": convert_s,
-            "compile_s": compile_s, "node_sum_s": summed, "executed_nodes": len(nodes),
+            "compile_s": compile_s, "precision_hint": hint, "node_sum_s": summed, "executed_nodes": len(nodes),
             "top": sorted(nodes, key=lambda n: -n["s"])[:40], "peak_rss_gib": peak_rss_gib()}
 
 
@@ -1094,7 +1098,7 @@ def render(res: dict, a: dict) -> str:
              f"Python {v['python']}, punet {v['punet']}.")
     params = flops.get("parameters")
     L.append(f"- Workload: one UNet step, batch {sig.get('batch', 1)}, {a['size']}x{a['size']} pixels "
-             f"(latent {lat}), {sig.get('tokens', 77)} text tokens, float32 weights and activations"
+             f"(latent {lat}), {sig.get('tokens', 77)} text tokens, {sig.get('dtype', 'float32')} weights and activations"
              + (f", {params / 1e9:.2f} B parameters" if params and params >= 1e8 else
                 f", {params / 1e6:.1f} M parameters" if params else "")
              + (f", {flops['total'] / 1e9:.1f} GFLOP per call" if flops.get("total") else "") + ".")
@@ -1159,7 +1163,10 @@ def render(res: dict, a: dict) -> str:
              "profiled call, the share of that call, and *% of peak* = floor / time (FLOP-bearing kinds only). "
              f"*{K_ATTN}*'s FLOPs are QK^T's plus PV's. *{K_GAP}* is the part of the call no op accounts for "
              "(IREE: the call's span minus the union of its dispatches; torch: wall minus aten self time; "
-             "OpenVINO: wall minus the sum of node times).")
+             "OpenVINO: wall minus the sum of node times)."
+             + ("" if sig.get("dtype", "float32") == "float32" else
+                f" The module is {sig['dtype']}, and *% of peak* is still against the fp32 sgemm rate: "
+                "AVX-512 BF16 and AMX run more FLOP per cycle, so it can pass 100%."))
     L.append("")
     L.append("How each runner's ops become kinds, and what that hides:")
     L.append("")
@@ -1255,7 +1262,9 @@ def render(res: dict, a: dict) -> str:
              "`punet.eager.call_model` after a warm-up and an unprofiled call; module scopes from forward hooks "
              "(`record_function`).")
     L.append("- OpenVINO: `ov.convert_model(model, example_input=inputs)`, compiled for CPU with "
-             "`PERF_COUNT`, `INFERENCE_NUM_THREADS`, `INFERENCE_PRECISION_HINT=f32`; one warm-up, one timed call. "
+             f"`PERF_COUNT`, `INFERENCE_NUM_THREADS`, `INFERENCE_PRECISION_HINT="
+             f"{(res.get('openvino') or {}).get('precision_hint') or ('bf16' if sig.get('dtype') == 'bfloat16' else 'f32')}` (the module's dtype; the model converted "
+             "in float32, as in bench/suite.py); one warm-up, one timed call. "
              "`get_profiling_info()` gives each node's mean over every call of the compiled model (a new infer "
              "request does not reset it), so a node's time in the timed call is 2 x its mean after that call - "
              "its mean after the warm-up.")

@@ -225,6 +225,16 @@ def test_table_shape() -> None:
     tuned = ["--iree-opt-data-tiling", "--iree-llvmcpu-enable-ukernels=all",
              "--iree-llvmcpu-matmul-tile-bytes=2097152"]
     assert compile_flags(get_target("cpu"), tuned=True) == cpu + tuned
+    # bf16 convolutions as im2col matmuls (3x faster in IREE 3.13, docs/cpu-tuning.md): tuned set only, CPU only.
+    im2col = ["--iree-global-opt-use-im2col-for-convs"]
+    for name in ("cpu", "cpu-avx2", "cpu-generic"):
+        base = compile_flags(get_target(name), tuned=True)
+        assert compile_flags(get_target(name), tuned=True, dtype="bfloat16") == base + im2col, name
+    assert compile_flags(get_target("cpu"), tuned=False, dtype="bfloat16") == cpu
+    assert compile_flags(get_target("cpu"), tuned=True, dtype="float16") == cpu + tuned
+    for name in ("gfx942", "sm_80", "vulkan"):
+        t = get_target(name)
+        assert compile_flags(t, tuned=True, dtype="bfloat16") == compile_flags(t, tuned=True), name
     assert compile_flags(get_target("hopper"), tuned=False)[-1] == "--iree-cuda-target=sm_80"
     for required in ("cpu", "cpu-avx2", "cpu-generic", "gfx942", "gfx950", "gfx1100", "gfx1201", "vulkan", "vulkan-rdna3",
                      "vulkan-ampere", "sm_80", "sm_86", "sm_89", "hopper"):

@@ -239,7 +239,7 @@ def compile_vmfb(
         )
     if plan.note and progress:
         progress(plan.note)
-    flags = quantized_flags(t, compile_flags(t, tuned=plan.tuned), sig.quant)
+    flags = quantized_flags(t, compile_flags(t, tuned=plan.tuned, dtype=sig.dtype), sig.quant)
     flags = multi_device_flags(packed_flags(flags, pack_weights), sig.devices)
     flags += list(extra_flags)
     encoder = encoder_path(output) if pack_weights else None

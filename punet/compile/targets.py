@@ -68,6 +68,8 @@ class Target:
     dtype_reason: str = ""
     tuned_dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
     tuned_dtype_reason: str = ""
+    # Flags the tuned set adds for a module of one dtype: ((dtype, flags), ...).
+    tuned_dtype_flags: tuple[tuple[str, tuple[str, ...]], ...] = ()
     plain_refused: str = ""  # why `--plain` is refused for this target (measured wrong output), if it is
     # Quantization schemes (punet.quant) the target compiles; others are refused before iree-compile.
     quant_schemes: tuple[str, ...] = ("int8",)
@@ -140,6 +142,13 @@ _CPU_TUNED = (
     # per call (docs/cpu-tuning.md).
     "--iree-llvmcpu-matmul-tile-bytes=2097152",
 )
+
+# bf16 on CPU: convolutions as im2col + data-tiled bf16 matmuls. IREE 3.13's bf16 convolutions, direct or
+# data-tiled, run at about 15% of the peak: full-size SDXL bf16 at 256x256 on an AVX-512 BF16 Zen 4 took
+# 5.27 s per call with the tuned set and 5.17 s packed (3.5 s of it in the 3x3 convolutions, against 0.45 s
+# for the same convolutions in fp32); with im2col 1.78 s and 1.60 s packed (docs/cpu-tuning.md).
+_IM2COL = "--iree-global-opt-use-im2col-for-convs"
+_CPU_TUNED_BY_DTYPE = (("bfloat16", (_IM2COL,)),)
 
 # An int8 convolution is im2col + int8 matmul; at 1024x1024 (the default export size) the strided
 # downsampler's im2col dispatch needs 65 KiB of stack ("exceeded stack allocation limit of 32768
@@ -329,6 +338,7 @@ def _cpu_target(name: str, cpu: str, description: str, notes: str) -> Target:
         description=description,
         flags=_LLVM_CPU + triple + (f"--iree-llvmcpu-target-cpu={cpu}",) + _CPU_ZERO_COPY,
         tuned_flags=_CPU_TUNED,
+        tuned_dtype_flags=_CPU_TUNED_BY_DTYPE,
         decompose_attention=True,
         attention_reason=_CPU_ATTENTION,
         notes=notes,
@@ -583,9 +593,11 @@ def get_target(name: str) -> Target:
         raise ValueError(f"unknown target {name!r}; expected one of: {', '.join(TARGETS)}") from None
 
 
-def compile_flags(target: Target, *, tuned: bool) -> list[str]:
-    """The iree-compile flags for `target`: plain, or plain + tuned."""
-    return list(target.flags) + (list(target.tuned_flags) if tuned else [])
+def compile_flags(target: Target, *, tuned: bool, dtype: str = "float32") -> list[str]:
+    """The iree-compile flags for `target`: plain, or plain + tuned (+ the tuned set's flags for `dtype`)."""
+    if not tuned:
+        return list(target.flags)
+    return list(target.flags) + list(target.tuned_flags) + list(dict(target.tuned_dtype_flags).get(dtype, ()))
 
 
 # Flags of a target's set that a multi-device module cannot take in IREE 3.13, and why.
@@ -629,7 +641,8 @@ PACKED_ADDED = {
         "convolutions data-tiled as convolutions (IREE 3.13, experimental), their weights packed ahead of "
         "time with the rest: full-size fp32 SDXL at 512x512 11.0-11.8 s vs 13.0-14.2 s per call with "
         "--iree-global-opt-use-im2col-for-convs instead (the previous packed set), four rounds side by "
-        "side, the same output (docs/cpu-tuning.md)"
+        "side, the same output (docs/cpu-tuning.md). Not where the set computes convolutions as im2col "
+        "matmuls (bf16): then there are none left to data-tile"
     ),
 }
 
@@ -638,7 +651,8 @@ def packed_flags(flags: list[str], packed: bool) -> list[str]:
     """`flags` for a module that reads packed weights (`punet pack`), or unchanged."""
     if not packed:
         return list(flags)
-    return [f for f in flags if f not in PACKED_DROPPED] + [f for f in PACKED_ADDED if f not in flags]
+    added = [f for f in PACKED_ADDED if f not in flags and not (_IM2COL in flags and f == f"{_DT_OPS}convolution")]
+    return [f for f in flags if f not in PACKED_DROPPED] + added
 
 
 def quantized_flags(target: Target, flags: list[str], quant: str) -> list[str]:
