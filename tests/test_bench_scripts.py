@@ -74,3 +74,21 @@ def test_profile_shares_overlapping_dispatches():
     assert attribute_overlap(ivs) == [15, 15, 10, 0, 5, 5]
     assert attribute_overlap([(0, 12), (6, 12), (6, 12)]) == [8, 2, 2]  # three at once share 6-12
     assert sum(attribute_overlap(ivs)) == 20 + 10 + 10 + 10  # the union: 0-30, 40-50, 60-70
+
+
+@pytest.mark.parametrize("data, dtype, hint", [("cpu-profile-zen4-bf16-512-2026-11-28.json", "bfloat16", "bf16"),
+                                               ("cpu-profile-zen4-2026-11-27-run3.json", "float32", "f32")])
+def test_profile_report_names_the_module_dtype(data, dtype, hint):
+    """Bug in `bench/cpu_profile.py`'s report: it said "float32 weights and activations" and OpenVINO
+    `INFERENCE_PRECISION_HINT=f32` for every module, a bf16 one too. Reference: the module's dtype in
+    the build record's signature, as the profile JSON in docs/data keeps it."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from cpu_profile import render
+
+    res = json.loads((ROOT / "docs" / "data" / data).read_text())
+    assert res["flops"]["signature"]["dtype"] == dtype
+    out = render(res, dict(res["args"], work="/scratch"))
+    assert f"{dtype} weights and activations" in out and f"INFERENCE_PRECISION_HINT={hint}`" in out
+    assert ("against the fp32 sgemm rate" in out) == (dtype != "float32")
