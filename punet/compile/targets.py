@@ -68,7 +68,7 @@ class Target:
     dtype_reason: str = ""
     tuned_dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
     tuned_dtype_reason: str = ""
-    # Flags the tuned set adds for a module of one dtype: ((dtype, flags), ...).
+    # Flags the tuned set adds for a module of one dtype whose UNet runs one batch row: ((dtype, flags), ...).
     tuned_dtype_flags: tuple[tuple[str, tuple[str, ...]], ...] = ()
     plain_refused: str = ""  # why `--plain` is refused for this target (measured wrong output), if it is
     # Quantization schemes (punet.quant) the target compiles; others are refused before iree-compile.
@@ -147,6 +147,9 @@ _CPU_TUNED = (
 # data-tiled, run at about 15% of the peak: full-size SDXL bf16 at 256x256 on an AVX-512 BF16 Zen 4 took
 # 5.27 s per call with the tuned set and 5.17 s packed (3.5 s of it in the 3x3 convolutions, against 0.45 s
 # for the same convolutions in fp32); with im2col 1.78 s and 1.60 s packed (docs/cpu-tuning.md).
+# One batch row only: on two (batch 2, or a CFG step's negative and positive rows) iree-compile fails on
+# the first convolution's im2col ("'arith.addf' op requires the same type for all operands and results",
+# a bf16 + f32 add; tests/test_matrix.py at batch 2), so those modules keep the convolutions as they are.
 _IM2COL = "--iree-global-opt-use-im2col-for-convs"
 _CPU_TUNED_BY_DTYPE = (("bfloat16", (_IM2COL,)),)
 
@@ -593,11 +596,13 @@ def get_target(name: str) -> Target:
         raise ValueError(f"unknown target {name!r}; expected one of: {', '.join(TARGETS)}") from None
 
 
-def compile_flags(target: Target, *, tuned: bool, dtype: str = "float32") -> list[str]:
-    """The iree-compile flags for `target`: plain, or plain + tuned (+ the tuned set's flags for `dtype`)."""
+def compile_flags(target: Target, *, tuned: bool, dtype: str = "float32", rows: int = 1) -> list[str]:
+    """The iree-compile flags for `target`: plain, or plain + tuned (+ the tuned set's flags for `dtype`,
+    for a module whose UNet runs `rows` = 1 batch row; see `_CPU_TUNED_BY_DTYPE`)."""
     if not tuned:
         return list(target.flags)
-    return list(target.flags) + list(target.tuned_flags) + list(dict(target.tuned_dtype_flags).get(dtype, ()))
+    by_dtype = dict(target.tuned_dtype_flags).get(dtype, ()) if rows == 1 else ()
+    return list(target.flags) + list(target.tuned_flags) + list(by_dtype)
 
 
 # Flags of a target's set that a multi-device module cannot take in IREE 3.13, and why.
