@@ -930,7 +930,7 @@ def phase_openvino(a: dict) -> dict:
 
     import openvino as ov
     import torch
-    from worker import OV_PRECISION
+    from report import OV_PRECISION
 
     from punet.signature import make_inputs
     from punet.weights import load_model
@@ -1058,6 +1058,8 @@ def md_escape(s: str) -> str:
 
 
 def render(res: dict, a: dict) -> str:
+    from report import OV_PRECISION
+
     peak = res["peak"]
     rate = peak["gflops_best"] * 1e9
     flops = res.get("flops", {})
@@ -1263,7 +1265,7 @@ def render(res: dict, a: dict) -> str:
              "(`record_function`).")
     L.append("- OpenVINO: `ov.convert_model(model, example_input=inputs)`, compiled for CPU with "
              f"`PERF_COUNT`, `INFERENCE_NUM_THREADS`, `INFERENCE_PRECISION_HINT="
-             f"{(res.get('openvino') or {}).get('precision_hint') or ('bf16' if sig.get('dtype') == 'bfloat16' else 'f32')}` (the module's dtype; the model converted "
+             f"{(res.get('openvino') or {}).get('precision_hint') or OV_PRECISION.get(sig.get('dtype'), 'f32')}` (the module's dtype; the model converted "
              "in float32, as in bench/suite.py); one warm-up, one timed call. "
              "`get_profiling_info()` gives each node's mean over every call of the compiled model (a new infer "
              "request does not reset it), so a node's time in the timed call is 2 x its mean after that call - "

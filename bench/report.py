@@ -16,6 +16,8 @@ BASE = "eager float32"
 KIND_LABEL = {"eager": "torch eager", "iree": "IREE", "compile": "torch.compile", "openvino": "OpenVINO"}
 KIND_COLOR = {"iree": "#4c72b0", "eager": "#dd8452", "compile": "#55a868", "openvino": "#8172b3"}
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8"}
+# OpenVINO's CPU plugin computes in the precision hint; the IR itself is float32 (bench/worker.py).
+OV_PRECISION = {"float32": "f32", "bfloat16": "bf16"}
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx")
 
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import OV_PRECISION
 
 from punet.compare import compare_tensors
 from punet.config import UNetConfig
@@ -27,9 +28,6 @@ from punet.runtime import Session, set_threads
 from punet.signature import Signature, make_inputs
 from punet.tensors import load_tensors, save_tensors
 from punet.weights import load_model, read_metadata
-
-# OpenVINO's CPU plugin computes in the precision hint; the IR itself is float32 (see openvino_runner).
-OV_PRECISION = {"float32": "f32", "bfloat16": "bf16"}
 
 # (irpa, dtype) -> (model, config): every runner of this process that needs that torch model uses this one.
 _MODELS: dict[tuple[str, str], tuple[torch.nn.Module, UNetConfig]] = {}

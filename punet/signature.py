@@ -174,6 +174,11 @@ class Signature:
             )
 
     @property
+    def rows(self) -> int:
+        """The UNet's batch rows: a CFG step (serving and scheduled ones too) runs a negative and a positive row per image."""
+        return 2 * self.batch if self.cfg else self.batch
+
+    @property
     def devices(self) -> int:
         """How many devices the module runs on (IREE logical devices __device_0 ... __device_{n-1})."""
         return self.tp * self.dp
@@ -189,7 +194,7 @@ class Signature:
         """Every function of the module, in export order."""
         if not self.scheduled:
             return [Entry(self.entry, tuple(self.inputs(config)), (self.output(config),))]
-        b, rows, dt = self.batch, 2 * self.batch, self.dtype
+        b, rows, dt = self.batch, self.rows, self.dtype
         latent = self._latent(config.in_channels)
         if not config.has_text_time:
             raise PunetError("a scheduled module is SDXL's: the config needs addition_embed_type 'text_time'")
@@ -220,8 +225,7 @@ class Signature:
         """Input tensors in the order of the (single) entry function's arguments."""
         if self.scheduled:
             raise PunetError(f"a scheduled module has two entries ({ENTRY_INITIALIZE}, {ENTRY_FORWARD}), not one")
-        b = self.batch
-        rows = 2 * b if self.cfg else b  # negative then positive prompt rows
+        b, rows = self.batch, self.rows  # text rows: negative then positive prompts under CFG
         # The serving entry takes one timestep and its conditioning in the model dtype, as the server sends them.
         cond = self.dtype if self.serving else "float32"
         specs = [

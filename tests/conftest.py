@@ -59,6 +59,15 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def eager_fp32(irpa: Path, tensors: dict) -> torch.Tensor:
+    """torch eager fp32 on `irpa`'s weights (whatever their dtype) and `tensors` cast to fp32: the reference."""
+    from punet.eager import call_model
+    from punet.weights import load_model
+
+    model, _ = load_model(irpa, dtype="float32")
+    return call_model(model, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """save_pretrained folders (real config.json + safetensors) of every tiny family."""

@@ -27,7 +27,7 @@ from punet.signature import Signature, make_inputs
 from punet.tensors import load_tensors
 from punet.weights import import_checkpoint, load_model, read_metadata
 
-from .conftest import MICRO_SDXL, rel_l2
+from .conftest import MICRO_SDXL, eager_fp32, rel_l2
 
 H = W = 64
 
@@ -61,12 +61,6 @@ def built(request, tmp_path_factory):
     return out
 
 
-def _eager_fp32(irpa: Path, tensors: dict) -> torch.Tensor:
-    model, _ = load_model(irpa, dtype="float32")
-    fp32 = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-    return call_model(model, fp32)
-
-
 def test_session_matches_eager_fp32(built):
     vmfb, irpa = built["float32"]
     session = Session.load(vmfb, irpa)
@@ -75,7 +69,7 @@ def test_session_matches_eager_fp32(built):
     x = make_inputs(session.config, session.signature, 1)
     got = session(x)
     assert got.dtype == torch.float32 and got.shape == (1, 4, H // 8, W // 8)
-    assert rel_l2(got, _eager_fp32(irpa, x)) <= 1e-4
+    assert rel_l2(got, eager_fp32(irpa, x)) <= 1e-4
     assert torch.equal(session(x), got)  # a second call on the same session gives the same bits
 
 
@@ -87,7 +81,7 @@ def test_session_bf16_in_and_out(built):
     assert x["sample"].dtype == torch.bfloat16
     got = session(x)
     assert got.dtype == torch.bfloat16 and got.shape == (1, 4, H // 8, W // 8)
-    expected = _eager_fp32(irpa, x)
+    expected = eager_fp32(irpa, x)
     model, _ = load_model(irpa, dtype="bfloat16")
     eager_err = rel_l2(call_model(model, x).float(), expected)
     # Measured (seeds 0-2): compiled 1.00e-2 to 1.12e-2, torch eager bf16 1.22e-2 to 1.41e-2. A bf16
@@ -131,8 +125,8 @@ def test_other_weights_reported_or_refused_with_exact_weights(built):
     assert len(notes) == 1  # the exported archive itself: nothing to report
     x = make_inputs(session.config, session.signature, 2)
     got = session(x)
-    assert rel_l2(got, _eager_fp32(other, x)) <= 1e-4  # the parameters really come from `other`
-    assert rel_l2(got, _eager_fp32(irpa, x)) > 0.1
+    assert rel_l2(got, eager_fp32(other, x)) <= 1e-4  # the parameters really come from `other`
+    assert rel_l2(got, eager_fp32(irpa, x)) > 0.1
 
 
 def test_session_checks_inputs(built):

@@ -239,8 +239,7 @@ def compile_vmfb(
         )
     if plan.note and progress:
         progress(plan.note)
-    rows = sig.batch * (2 if sig.cfg else 1)  # the UNet's batch rows (a CFG step runs negative and positive)
-    flags = quantized_flags(t, compile_flags(t, tuned=plan.tuned, dtype=sig.dtype, rows=rows), sig.quant)
+    flags = quantized_flags(t, compile_flags(t, tuned=plan.tuned, dtype=sig.dtype, rows=sig.rows), sig.quant)
     flags = multi_device_flags(packed_flags(flags, pack_weights), sig.devices)
     flags += list(extra_flags)
     encoder = encoder_path(output) if pack_weights else None
