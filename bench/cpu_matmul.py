@@ -1,7 +1,9 @@
-"""The SDXL UNet's projection matmuls alone: IREE (punet's packed CPU flags, and variants) vs torch, one process.
+"""The SDXL UNet's projection matmuls alone: IREE (punet's packed CPU flags, and variants) vs torch and
+OpenVINO (`--openvino`), one process.
 
     python bench/cpu_matmul.py --size 512 --variant tile-bytes-1m=--iree-llvmcpu-matmul-tile-bytes=1048576
     python bench/cpu_matmul.py --size 512 --cold-mib 400 --shapes "geglu 1280"
+    python bench/cpu_matmul.py --size 256 --cold-mib 400 --openvino   # the kernels IREE and OpenVINO run
 
 Each shape is `y = x @ W^T + b` with x [1, M, K] and W [N, K] as a parameter (scope "model"), the form
 every attention and feed-forward projection of the UNet takes (no b for the cross-attention keys and
@@ -13,7 +15,8 @@ module loads (the same packing `punet pack` does ahead of time), so the timed ca
 With `--cold-mib`, each call runs the shape on as many distinct weights as make up that many MiB (one
 module, outputs returned together) and the figures are per matmul: weights read from memory, as in a
 UNet call, which reads each of its 10 GB of weights once. One weight repeated stays in cache and hides
-how a kernel streams it.
+how a kernel streams it. With `--openvino`, OpenVINO's CPU plugin runs the same module
+(`ov.convert_model` of it, f32 precision hint, the same threads), as the suite's OpenVINO runner does.
 Prints, per shape and runner, the median of `--repeat` calls, GFLOP/s and % of a measured sgemm peak
 (torch.mm 4096^3), and the CPU's model, ISA flags and thread count.
 """
@@ -75,6 +78,23 @@ class Copies(torch.nn.Module):
         return tuple(lin(x) for lin in self.lins)
 
 
+def openvino_time(module: torch.nn.Module, x: torch.Tensor, ref: tuple, threads: int, repeat: int) -> tuple[float, float]:
+    """OpenVINO's CPU plugin on `module` (converted from torch, f32): (median seconds per call, worst rel L2 vs `ref`)."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(
+        ov.convert_model(module, example_input=x), "CPU",
+        {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"},
+    )
+    request = compiled.create_infer_request()
+    xn = x.numpy()
+
+    request.infer([xn])
+    outs = [torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(len(compiled.outputs))]
+    err = max(((o - r).norm() / r.norm()).item() for o, r in zip(outs, ref))
+    return timed(lambda: request.infer([xn]), repeat), err
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, choices=[256, 512], default=512)
@@ -85,6 +105,7 @@ def main() -> None:
     p.add_argument("--cold-mib", type=int, default=0,
                    help="distinct weights per call, this many MiB in all (more than the last-level cache: weights "
                         "come from memory, as in a UNet call); 0: one weight, hot in cache")
+    p.add_argument("--openvino", action="store_true", help="also time OpenVINO's CPU plugin on each shape")
     a = p.parse_args()
 
     import iree.runtime as rt
@@ -116,6 +137,11 @@ def main() -> None:
                 ref = lin(x)
                 t = timed(lambda: lin(x), a.repeat) / copies
             print(f"{name:16} {f'{m}x{n}x{k}':>18} {'torch':14} {t * 1e3:8.2f} {gflop / t:8.0f} {gflop / t / peak:8.0%}", flush=True)
+            if a.openvino:
+                t, err = openvino_time(lin, x, ref, a.threads, a.repeat)
+                t /= copies
+                print(f"{name:16} {f'{m}x{n}x{k}':>18} {'openvino':14} {t * 1e3:8.2f} {gflop / t:8.0f} {gflop / t / peak:8.0%}"
+                      + (f"  rel L2 {err:.1e}" if err > 1e-5 else ""), flush=True)
             aot.externalize_module_parameters(lin, external_scope="model")
             irpa, mlir = Path(tmp, f"{n}x{k}.irpa"), Path(tmp, "m.mlir")
             aot.save_module_parameters(irpa, lin)

@@ -510,7 +510,7 @@ def print_targets() -> None:
         out.print(f"  {t.name}: {' '.join(compile_flags(t, tuned=False))}", soft_wrap=True)
         out.print(f"  {'':{len(t.name)}}  + {' '.join(t.tuned_flags) or '(nothing)'}", soft_wrap=True)
         for dtype, flags in t.tuned_dtype_flags:
-            out.print(f"  {'':{len(t.name)}}  + {' '.join(flags)} ({short[dtype]} modules of one batch row)", soft_wrap=True)
+            out.print(f"  {'':{len(t.name)}}  + {' '.join(flags)} ({short[dtype]} modules; those of two or more batch rows are exported with their convolutions one row at a time)", soft_wrap=True)
 
 
 def cmd_bench(args) -> int:

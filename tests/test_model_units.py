@@ -216,6 +216,28 @@ def test_unsliced_decomposed_attention(xl, monkeypatch):
     assert len(whole.seen) == 16
 
 
+def test_conv_rows_match_diffusers(xl):
+    """Bugs in `set_conv_rows` (the CPU's form of bf16 multi-row modules): a convolution left batched or a
+    row lost, the switch not reaching conv_in/conv_out, the down/upsamplers or a ResNet's convolutions,
+    or not switching back. Counted through torch's conv2d: once per row of each convolution with the
+    switch, once per convolution without; both match diffusers at batch 2."""
+    ref, ours = xl
+    x = _xl_inputs()
+    expected = _ref_xl(ref, x)
+    convs = [m for m in ours.modules() if isinstance(m, L.RowwiseConv2d)]
+    pointwise = [m for m in ours.modules() if isinstance(m, L.PointwiseConv2d)]  # matmuls, not convolutions
+    assert len(convs) + len(pointwise) == sum(isinstance(m, torch.nn.Conv2d) for m in ref.modules())
+    try:
+        with _DtypesOf(torch.nn.functional.conv2d) as by_rows:
+            _assert_matches(_ours(ours.set_conv_rows(), x), expected)
+    finally:
+        ours.set_conv_rows(False)
+    with _DtypesOf(torch.nn.functional.conv2d) as batched:
+        _assert_matches(_ours(ours, x), expected)
+    assert len(batched.seen) == len(convs) > 6
+    assert len(by_rows.seen) == 2 * len(convs)
+
+
 def test_timestep_forms_and_per_sample_timesteps(sd):
     """Bugs in timestep handling: a number, a 0-d tensor or shape (1,) not broadcast to the batch; per-sample
     timesteps of shape (B,) not each used for their own row. Reference: diffusers given shape (B,)."""
@@ -607,6 +629,22 @@ def test_pointwise_conv(batch, bias):
     x = _randn(batch, 6, 3, 5, seed=3)
     with torch.no_grad():
         _assert_matches(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("stride, padding", [(1, 1), (2, 0)])
+def test_rowwise_conv(stride, padding):
+    """Bugs in RowwiseConv2d's by-rows form (each batch row's convolution apart, for iree-compile's bf16
+    im2col): a row dropped or repeated, rows concatenated along channels, the bias or stride lost, a
+    state-dict key renamed. Batch 3, non-square 7x6 map. Reference: torch's own conv2d, same weights."""
+    ref, ours = _same_weights(
+        torch.nn.Conv2d(4, 5, 3, stride=stride, padding=padding), L.RowwiseConv2d(4, 5, 3, stride=stride, padding=padding)
+    )
+    x = _randn(3, 4, 7, 6, seed=4)
+    with torch.no_grad():
+        _assert_matches(ours(x), ref(x))
+        ours.by_rows = True
+        _assert_matches(ours(x), ref(x))
+        _assert_matches(ours(x[:1]), ref(x[:1]))
 
 
 @pytest.mark.parametrize("in_ch, out_ch, scale", [(4, 8, 1.0), (8, 8, 2.0), (8, 4, 0.5)])

@@ -20,6 +20,7 @@ from punet.errors import PunetError, UsageError
 from punet.export import export_mlir
 from punet.runtime import Session
 from punet.runtime.pack import pack_weights
+from punet.artifacts import signature_path
 from punet.signature import Signature, make_inputs
 from punet.weights import import_checkpoint, load_model, read_metadata
 
@@ -144,17 +145,21 @@ def test_bench_of_a_packed_module(packed):
     assert session.eager_archive() == packed["irpa"]
 
 
-def test_bf16_packed_module_takes_im2col_convolutions(packed, tmp_path):
+@pytest.mark.parametrize("cfg", [False, True], ids=["batch1", "cfg"])
+def test_bf16_packed_module_takes_im2col_convolutions(packed, tmp_path, cfg):
     # Catches: a bf16 module packed with data-tiled convolutions (3.4x slower in IREE 3.13 on the
     # full-size UNet, docs/cpu-tuning.md), or im2col's reshaped convolution weights packed into the
-    # wrong layout by the encoder (then the packed bf16 module drifts far from torch).
+    # wrong layout by the encoder (then the packed bf16 module drifts far from torch). CFG (two rows):
+    # the CPU's form not writing its convolutions by rows (then im2col fails to compile, or compile
+    # leaves it out), or the rows mixed up in the concatenation (then the guided output is wrong).
     irpa = tmp_path / "u_bf16.irpa"
     import_checkpoint(str(packed["root"] / "ckpt"), irpa, dtype="bfloat16")
-    sig = Signature(1, 64, 64, "bfloat16", tokens=8)
+    sig = Signature(1, 64, 64, "bfloat16", tokens=8, cfg=cfg)
     mlir = export_mlir(irpa, sig=sig, decompose_attention=True).mlir
+    assert json.loads(signature_path(mlir).read_text())["conv_rows"] is cfg
     vmfb = compile_vmfb(mlir, "cpu", pack_weights=True).vmfb
     info = json.loads((vmfb.parent / (vmfb.name + ".json")).read_text())
-    assert IM2COL in info["flags"] and CONV_DT not in info["flags"]
+    assert IM2COL in info["flags"] and CONV_DT not in info["flags"] and info["conv_rows"] is cfg
     session = Session.load(vmfb, pack_weights(vmfb, irpa).path)
     x = make_inputs(session.config, sig, 3)
     got = session(x)

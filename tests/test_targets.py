@@ -231,7 +231,8 @@ def test_table_shape() -> None:
         base = compile_flags(get_target(name), tuned=True)
         assert compile_flags(get_target(name), tuned=True, dtype="bfloat16") == base + im2col, name
     assert compile_flags(get_target("cpu"), tuned=False, dtype="bfloat16") == cpu
-    # ... at one batch row: at two, IREE 3.13's bf16 im2col fails to compile (test_matrix's batch-2 case).
+    # ... for one row at a time: at two, IREE 3.13's bf16 im2col fails to compile
+    # (docs/repro/cpu-bf16-im2col-rows.py); multi-row modules write them by rows (tests/test_pack.py's CFG case).
     assert compile_flags(get_target("cpu"), tuned=True, dtype="bfloat16", rows=2) == cpu + tuned
     assert compile_flags(get_target("cpu"), tuned=True, dtype="float16") == cpu + tuned
     for name in ("gfx942", "sm_80", "vulkan"):

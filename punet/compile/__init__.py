@@ -239,7 +239,9 @@ def compile_vmfb(
         )
     if plan.note and progress:
         progress(plan.note)
-    flags = quantized_flags(t, compile_flags(t, tuned=plan.tuned, dtype=sig.dtype, rows=sig.rows), sig.quant)
+    # A module that writes its convolutions by rows (punet.export.conv_rows) has one-row convolutions.
+    rows = 1 if signature.get("conv_rows") else sig.rows
+    flags = quantized_flags(t, compile_flags(t, tuned=plan.tuned, dtype=sig.dtype, rows=rows), sig.quant)
     flags = multi_device_flags(packed_flags(flags, pack_weights), sig.devices)
     flags += list(extra_flags)
     encoder = encoder_path(output) if pack_weights else None
@@ -302,6 +304,7 @@ def compile_vmfb(
             "flag_set_note": plan.note,
             "attention": "decomposed" if signature["decompose_attention"] else "fused",
             "attention_slices": module_sliced(signature),
+            "conv_rows": bool(signature.get("conv_rows")),
             # Absolute paths: the record is read from other folders (punet pack, bench/cpu_profile.py).
             "exported_from": str(mlir.resolve()) if source != mlir else None,
             "command": command,

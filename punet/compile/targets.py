@@ -68,7 +68,8 @@ class Target:
     dtype_reason: str = ""
     tuned_dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
     tuned_dtype_reason: str = ""
-    # Flags the tuned set adds for a module of one dtype whose UNet runs one batch row: ((dtype, flags), ...).
+    # Flags the tuned set adds for a module of one dtype whose convolutions take one batch row at a time
+    # (one-row modules, and the CPU's form of multi-row bf16 ones: punet.export.conv_rows): ((dtype, flags), ...).
     tuned_dtype_flags: tuple[tuple[str, tuple[str, ...]], ...] = ()
     plain_refused: str = ""  # why `--plain` is refused for this target (measured wrong output), if it is
     # Quantization schemes (punet.quant) the target compiles; others are refused before iree-compile.
@@ -149,7 +150,8 @@ _CPU_TUNED = (
 # for the same convolutions in fp32); with im2col 1.78 s and 1.60 s packed (docs/cpu-tuning.md).
 # One batch row only: on two (batch 2, or a CFG step's negative and positive rows) iree-compile fails on
 # the first convolution's im2col ("'arith.addf' op requires the same type for all operands and results",
-# a bf16 + f32 add; tests/test_matrix.py at batch 2), so those modules keep the convolutions as they are.
+# a bf16 + f32 add; docs/repro/cpu-bf16-im2col-rows.py). So the CPU's form of such a module writes each
+# convolution one row at a time (punet.export.conv_rows, `RowwiseConv2d`), and compile counts one row.
 _IM2COL = "--iree-global-opt-use-im2col-for-convs"
 _CPU_TUNED_BY_DTYPE = (("bfloat16", (_IM2COL,)),)
 
@@ -598,7 +600,7 @@ def get_target(name: str) -> Target:
 
 def compile_flags(target: Target, *, tuned: bool, dtype: str = "float32", rows: int = 1) -> list[str]:
     """The iree-compile flags for `target`: plain, or plain + tuned (+ the tuned set's flags for `dtype`,
-    for a module whose UNet runs `rows` = 1 batch row; see `_CPU_TUNED_BY_DTYPE`)."""
+    for a module whose convolutions take `rows` = 1 batch row at a time; see `_CPU_TUNED_BY_DTYPE`)."""
     if not tuned:
         return list(target.flags)
     by_dtype = dict(target.tuned_dtype_flags).get(dtype, ()) if rows == 1 else ()

@@ -25,7 +25,7 @@ from ..errors import PunetError
 from ..fileio import atomic_path, check_output, write_json_atomic
 from ..signature import SCOPE, Signature, check_fits, dtype_from_name
 
-__all__ = ["ExportResult", "derive_decomposed", "export_mlir", "export_module"]
+__all__ = ["ExportResult", "conv_rows", "derive_decomposed", "export_mlir", "export_module"]
 
 
 class _Entry(nn.Module):
@@ -48,6 +48,13 @@ class ExportResult:
     seconds: float
 
 
+def conv_rows(sig: Signature, sliced: bool) -> bool:
+    """Whether the module writes its convolutions one batch row at a time (`RowwiseConv2d`): the CPU's form
+    (`sliced` attention) of a bf16 module with two or more rows, whose convolutions iree-compile 3.13 turns
+    into im2col matmuls only one row at a time (`punet.compile.targets.compile_flags`)."""
+    return sliced and sig.dtype == "bfloat16" and sig.rows > 1 and sig.devices == 1 and not sig.quant
+
+
 def _meta_unet(
     config: UNetConfig,
     sig: Signature,
@@ -67,6 +74,7 @@ def _meta_unet(
 
             quantize_from_metadata(unet, config, quantization)
     unet.eval().set_decomposed_attention(decompose_attention, attention_slices)
+    unet.set_conv_rows(conv_rows(sig, decompose_attention and attention_slices))
     aot.externalize_module_parameters(unet, external_scope=SCOPE)
     return unet
 
@@ -278,6 +286,7 @@ def _export(
             "parameter_scope": SCOPE,
             "decompose_attention": decompose_attention,
             "attention_slices": sliced,
+            "conv_rows": conv_rows(sig, sliced),
             "irpa": provenance,
             "config": config_dict,
             "scheduler": scheduler,

@@ -191,6 +191,25 @@ class BasicTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+class RowwiseConv2d(nn.Conv2d):
+    """An nn.Conv2d (same parameters and state-dict keys) that can run its batch one row at a time.
+
+    With `by_rows` set, a batch of B > 1 rows is B batch-1 convolutions, concatenated: the CPU's form of a
+    bf16 module with two or more rows (CFG, batch 2). iree-compile 3.13 runs bf16 convolutions fast only
+    as im2col matmuls (`--iree-global-opt-use-im2col-for-convs`: 3.0-3.3x on the SDXL UNet at batch 1),
+    and that pass fails on a 16-bit convolution with batch > 1 (docs/repro/cpu-bf16-im2col-rows.py). One
+    2x1280x16x16 3x3 bf16 convolution: 480 ms batched and direct, 44 ms by rows with im2col (torch 36 ms).
+    Same sums per row as the batched convolution.
+    """
+
+    by_rows = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.by_rows or x.shape[0] == 1:
+            return super().forward(x)
+        return torch.cat([super(RowwiseConv2d, self).forward(row) for row in x.split(1)])
+
+
 class PointwiseConv2d(nn.Conv2d):
     """A 1x1 nn.Conv2d (same parameters and state-dict keys) computed as one 2-D matmul over the B*H*W pixels.
 
@@ -287,10 +306,10 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         self.output_scale_factor = output_scale_factor
         self.norm1 = GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = RowwiseConv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = RowwiseConv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = PointwiseConv2d(in_channels, out_channels) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -311,7 +330,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int, padding: int):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = RowwiseConv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == 0:
@@ -324,7 +343,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = RowwiseConv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         # An explicit target size equals scale_factor=2 on even sizes and

@@ -14,6 +14,7 @@ from .layers import (
     Downsample2D,
     GroupNorm,
     ResnetBlock2D,
+    RowwiseConv2d,
     TimestepEmbedding,
     Transformer2DModel,
     Upsample2D,
@@ -150,7 +151,7 @@ class UNet2DConditionModel(nn.Module):
         n = len(ch)
         heads = cfg.heads
 
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], cfg.conv_in_kernel, padding=(cfg.conv_in_kernel - 1) // 2)
+        self.conv_in = RowwiseConv2d(cfg.in_channels, ch[0], cfg.conv_in_kernel, padding=(cfg.conv_in_kernel - 1) // 2)
         self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
         if cfg.has_text_time:
             self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
@@ -179,7 +180,7 @@ class UNet2DConditionModel(nn.Module):
             )
 
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, cfg.conv_out_kernel, padding=(cfg.conv_out_kernel - 1) // 2)
+        self.conv_out = RowwiseConv2d(ch[0], cfg.out_channels, cfg.conv_out_kernel, padding=(cfg.conv_out_kernel - 1) // 2)
 
     def set_decomposed_attention(self, enabled: bool = True, sliced: bool = True) -> "UNet2DConditionModel":
         """Write attention as matmul + softmax (for targets without fused attention), by slices of
@@ -188,6 +189,14 @@ class UNet2DConditionModel(nn.Module):
             if isinstance(m, Attention):
                 m.decomposed = enabled
                 m.sliced = sliced
+        return self
+
+    def set_conv_rows(self, enabled: bool = True) -> "UNet2DConditionModel":
+        """Run each convolution one batch row at a time (`RowwiseConv2d`: the CPU's form for bf16 modules
+        of two or more rows) or the whole batch at once."""
+        for m in self.modules():
+            if isinstance(m, RowwiseConv2d):
+                m.by_rows = enabled
         return self
 
     def embed(
