@@ -4,6 +4,7 @@ OpenVINO (`--openvino`), one process.
     python bench/cpu_matmul.py --size 512 --variant tile-bytes-1m=--iree-llvmcpu-matmul-tile-bytes=1048576
     python bench/cpu_matmul.py --size 512 --cold-mib 400 --shapes "geglu 1280"
     python bench/cpu_matmul.py --size 256 --cold-mib 400 --openvino   # the kernels IREE and OpenVINO run
+    python bench/cpu_matmul.py --size 512 --cold-mib 400 --openvino --dtype bfloat16
 
 Each shape is `y = x @ W^T + b` with x [1, M, K] and W [N, K] as a parameter (scope "model"), the form
 every attention and feed-forward projection of the UNet takes (no b for the cross-attention keys and
@@ -17,6 +18,10 @@ module, outputs returned together) and the figures are per matmul: weights read 
 UNet call, which reads each of its 10 GB of weights once. One weight repeated stays in cache and hides
 how a kernel streams it. With `--openvino`, OpenVINO's CPU plugin runs the same module
 (`ov.convert_model` of it, f32 precision hint, the same threads), as the suite's OpenVINO runner does.
+With `--dtype bfloat16`, torch and IREE run bf16 weights and activations (IREE with the `cpu` tuned set
+for bf16 modules) and OpenVINO the float32 module with the bf16 precision hint, as the suite does;
+*rel L2* is then against float32 on the same bf16-rounded weights and inputs, and *of peak* still
+against the fp32 sgemm.
 Prints, per shape and runner, the median of `--repeat` calls, GFLOP/s and % of a measured sgemm peak
 (torch.mm 4096^3), and the CPU's model, ISA flags and thread count.
 """
@@ -31,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # (M at 256x256 / 512x512 latent tokens, N, K): the SDXL UNet's two attention levels (640 and 1280 wide).
@@ -78,13 +84,16 @@ class Copies(torch.nn.Module):
         return tuple(lin(x) for lin in self.lins)
 
 
-def openvino_time(module: torch.nn.Module, x: torch.Tensor, ref: tuple, threads: int, repeat: int) -> tuple[float, float]:
-    """OpenVINO's CPU plugin on `module` (converted from torch, f32): (median seconds per call, worst rel L2 vs `ref`)."""
+def openvino_time(
+    module: torch.nn.Module, x: torch.Tensor, ref: tuple, threads: int, repeat: int, precision: str = "f32"
+) -> tuple[float, float]:
+    """OpenVINO's CPU plugin on float32 `module` (converted from torch) with inference `precision`:
+    (median seconds per call, worst rel L2 vs `ref`)."""
     import openvino as ov
 
     compiled = ov.Core().compile_model(
         ov.convert_model(module, example_input=x), "CPU",
-        {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"},
+        {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision},
     )
     request = compiled.create_infer_request()
     xn = x.numpy()
@@ -106,6 +115,8 @@ def main() -> None:
                    help="distinct weights per call, this many MiB in all (more than the last-level cache: weights "
                         "come from memory, as in a UNet call); 0: one weight, hot in cache")
     p.add_argument("--openvino", action="store_true", help="also time OpenVINO's CPU plugin on each shape")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights and activations (bfloat16: OpenVINO with its bf16 precision hint)")
     a = p.parse_args()
 
     import iree.runtime as rt
@@ -115,12 +126,14 @@ def main() -> None:
     from punet.compile.targets import compile_flags, get_target, packed_flags
 
     torch.set_num_threads(a.threads)
-    base = packed_flags(compile_flags(get_target("cpu"), tuned=True), True)
+    bf16 = a.dtype == "bfloat16"
+    dtype = getattr(torch, a.dtype)
+    base = packed_flags(compile_flags(get_target("cpu"), tuned=True, dtype=a.dtype), True)
     variants = {"packed": []} | {v.split("=", 1)[0]: v.split("=", 1)[1].split(",") for v in a.variant}
     a4 = torch.randn(4096, 4096)
     peak = 2 * 4096**3 / timed(lambda: a4 @ a4, 3) / 1e9
     weights = f"cold weights ({a.cold_mib} MiB per call), ms per matmul" if a.cold_mib else "one weight, hot"
-    print(f"{cpu_line()}; {a.threads} threads; fp32; sgemm peak (torch.mm 4096^3) {peak:.0f} GFLOP/s; {weights}",
+    print(f"{cpu_line()}; {a.threads} threads; {a.dtype}; fp32 sgemm peak (torch.mm 4096^3) {peak:.0f} GFLOP/s; {weights}",
           flush=True)
     print(f"{'shape':16} {'M x N x K':>18} {'runner':14} {'ms':>8} {'GFLOP/s':>8} {'of peak':>8}")
     config = rt.Config("local-task")
@@ -128,17 +141,19 @@ def main() -> None:
         for name in a.shapes:
             ms_, n, k = SHAPES[name]
             m = ms_[0 if a.size == 256 else 1]
-            copies = max(1, a.cold_mib * 2**20 // (4 * n * k))
+            copies = max(1, a.cold_mib * 2**20 // (dtype.itemsize * n * k))
             gflop = 2 * m * n * k / 1e9
             torch.manual_seed(0)
-            lin = Copies(copies, k, n, bias=name not in NO_BIAS)
-            x = torch.randn(1, m, k)
+            lin = Copies(copies, k, n, bias=name not in NO_BIAS).to(dtype)
+            x = torch.randn(1, m, k).to(dtype)
+            lin32 = Copies(copies, k, n, bias=name not in NO_BIAS)  # float32 on the same (rounded) values
+            lin32.load_state_dict({key: v.float() for key, v in lin.state_dict().items()})
             with torch.no_grad():
-                ref = lin(x)
+                ref = lin32(x.float())
                 t = timed(lambda: lin(x), a.repeat) / copies
             print(f"{name:16} {f'{m}x{n}x{k}':>18} {'torch':14} {t * 1e3:8.2f} {gflop / t:8.0f} {gflop / t / peak:8.0%}", flush=True)
             if a.openvino:
-                t, err = openvino_time(lin, x, ref, a.threads, a.repeat)
+                t, err = openvino_time(lin32, x.float(), ref, a.threads, a.repeat, "bf16" if bf16 else "f32")
                 t /= copies
                 print(f"{name:16} {f'{m}x{n}x{k}':>18} {'openvino':14} {t * 1e3:8.2f} {gflop / t:8.0f} {gflop / t / peak:8.0%}"
                       + (f"  rel L2 {err:.1e}" if err > 1e-5 else ""), flush=True)
@@ -156,12 +171,21 @@ def main() -> None:
                     continue
                 params = rt.create_io_parameters_module(config.vm_instance, index.create_provider(scope="model"))
                 mods = rt.load_vm_modules(params, rt.VmModule.mmap(config.vm_instance, str(vmfb)), config=config)
-                xn = x.numpy()
+                dev = config.device
+                xn = dev.allocator.allocate_buffer_copy(
+                    memory_type=rt.MemoryType.DEVICE_LOCAL, allowed_usage=rt.BufferUsage.DEFAULT, device=dev,
+                    buffer=x.view(torch.uint16).numpy() if bf16 else x.numpy(),
+                    element_type=rt.HalElementType.BFLOAT_16 if bf16 else rt.HalElementType.FLOAT_32,
+                )
+
                 def call():
                     outs = mods[-1].main(xn)
                     return [o.to_host() for o in (outs if isinstance(outs, (tuple, list)) else [outs])]
 
-                err = max(((torch.from_numpy(o) - r).norm() / r.norm()).item() for o, r in zip(call(), ref))
+                def as_torch(o):  # numpy holds bf16 as ml_dtypes.bfloat16
+                    return torch.from_numpy(np.array(o).view(np.uint16)).view(torch.bfloat16).float() if bf16 else torch.from_numpy(o)
+
+                err = max(((as_torch(o) - r).norm() / r.norm()).item() for o, r in zip(call(), ref))
                 t = timed(call, a.repeat) / copies
                 print(f"{name:16} {f'{m}x{n}x{k}':>18} {vname:14} {t * 1e3:8.2f} {gflop / t:8.0f} {gflop / t / peak:8.0%}"
                       + (f"  rel L2 {err:.1e}" if err > 1e-5 else ""), flush=True)
