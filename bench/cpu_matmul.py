@@ -36,7 +36,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 # (M at 256x256 / 512x512 latent tokens, N, K): the SDXL UNet's two attention levels (640 and 1280 wide).
@@ -124,6 +123,7 @@ def main() -> None:
 
     from punet.compile import iree_compile
     from punet.compile.targets import compile_flags, get_target, packed_flags
+    from punet.runtime import device_buffer, host_tensor
 
     torch.set_num_threads(a.threads)
     bf16 = a.dtype == "bfloat16"
@@ -171,22 +171,14 @@ def main() -> None:
                     continue
                 params = rt.create_io_parameters_module(config.vm_instance, index.create_provider(scope="model"))
                 mods = rt.load_vm_modules(params, rt.VmModule.mmap(config.vm_instance, str(vmfb)), config=config)
-                dev = config.device
-                xn = dev.allocator.allocate_buffer_copy(
-                    memory_type=rt.MemoryType.DEVICE_LOCAL, allowed_usage=rt.BufferUsage.DEFAULT, device=dev,
-                    buffer=x.view(torch.uint16).numpy() if bf16 else x.numpy(),
-                    element_type=rt.HalElementType.BFLOAT_16 if bf16 else rt.HalElementType.FLOAT_32,
-                )
+                xn = device_buffer(config.device, x)
 
                 def call():
                     outs = mods[-1].main(xn)
-                    return [o.to_host() for o in (outs if isinstance(outs, (tuple, list)) else [outs])]
+                    return outs if isinstance(outs, (tuple, list)) else [outs]
 
-                def as_torch(o):  # numpy holds bf16 as ml_dtypes.bfloat16
-                    return torch.from_numpy(np.array(o).view(np.uint16)).view(torch.bfloat16).float() if bf16 else torch.from_numpy(o)
-
-                err = max(((as_torch(o) - r).norm() / r.norm()).item() for o, r in zip(call(), ref))
-                t = timed(call, a.repeat) / copies
+                err = max(((host_tensor(o).float() - r).norm() / r.norm()).item() for o, r in zip(call(), ref))
+                t = timed(lambda: [o.to_host() for o in call()], a.repeat) / copies
                 print(f"{name:16} {f'{m}x{n}x{k}':>18} {vname:14} {t * 1e3:8.2f} {gflop / t:8.0f} {gflop / t / peak:8.0%}"
                       + (f"  rel L2 {err:.1e}" if err > 1e-5 else ""), flush=True)
                 mods = params = None  # unload before the next variant

@@ -62,8 +62,8 @@ def timed(fn, n=5):
 
 
 def time_forms(b, c, h, forms):
-    import numpy as np
     import iree.runtime as rt
+    from punet.runtime import device_buffer, host_tensor
     torch.set_num_threads(2)
     torch.manual_seed(0)
     x = torch.randn(b, c, h, h).to(torch.bfloat16)
@@ -82,12 +82,9 @@ def time_forms(b, c, h, forms):
             if rc:
                 print(form, "compile failed:", err); continue
             mods = rt.load_vm_modules(rt.VmModule.mmap(cfg.vm_instance, str(vmfb)), config=cfg)
-            dev = cfg.device
-            bufs = [dev.allocator.allocate_buffer_copy(
-                memory_type=rt.MemoryType.DEVICE_LOCAL, allowed_usage=rt.BufferUsage.DEFAULT, device=dev,
-                buffer=t.view(torch.uint16).numpy(), element_type=rt.HalElementType.BFLOAT_16) for t in (x, w)]
+            bufs = [device_buffer(cfg.device, t) for t in (x, w)]
             call = lambda: mods[-1].main(*bufs).to_host()
-            out = torch.from_numpy(np.array(call()).view(np.uint16)).view(torch.bfloat16).double()
+            out = host_tensor(mods[-1].main(*bufs)).double()
             err = ((out - ref).norm() / ref.norm()).item()
             t = timed(call)
             print(f"{form:5} {'im2col' if IM2COL in flags else 'direct':6} {t * 1e3:8.1f} ms  {gf / t:6.0f} GFLOP/s  "

@@ -25,7 +25,7 @@ from ..config import UNetConfig
 from ..errors import PunetError
 from ..signature import SCOPE, Signature, TensorSpec, check_inputs
 
-__all__ = ["Session", "load_build_info", "run_vmfb", "DEVICES"]
+__all__ = ["Session", "device_buffer", "host_tensor", "load_build_info", "run_vmfb", "DEVICES"]
 
 DEVICES = ("local-task", "local-sync", "hip", "vulkan", "cuda")
 
@@ -35,6 +35,29 @@ _ELEMENT_TYPES = {
     torch.bfloat16: "BFLOAT_16",
     torch.int64: "SINT_64",
 }
+
+
+def device_buffer(device: Any, t: torch.Tensor) -> Any:
+    """A copy of tensor `t` (float32, float16, bfloat16 or int64) in a buffer of IREE `device`."""
+    import iree.runtime as rt
+
+    t = t.contiguous()
+    host = t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+    return device.allocator.allocate_buffer_copy(
+        memory_type=rt.MemoryType.DEVICE_LOCAL,
+        allowed_usage=rt.BufferUsage.DEFAULT,
+        device=device,
+        buffer=host,
+        element_type=getattr(rt.HalElementType, _ELEMENT_TYPES[t.dtype]),
+    )
+
+
+def host_tensor(result: Any) -> torch.Tensor:
+    """A device result as a torch tensor (a copy: the host mapping dies with `result`)."""
+    host = np.array(result.to_host())
+    if host.dtype.name == "bfloat16":  # numpy holds it as ml_dtypes.bfloat16
+        return torch.from_numpy(host.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(host)
 
 
 def load_build_info(vmfb: str | Path) -> dict[str, Any]:
@@ -143,7 +166,6 @@ class Session:
             except (ValueError, RuntimeError) as e:
                 raise PunetError(f"device {device!r} is not available here: {str(e).splitlines()[0]}") from None
         session = cls(vmfb, irpa, device, UNetConfig.from_dict(info["config"]), Signature(**info["signature"]), info)
-        session._rt = rt
         session._rt_config = rt_config
         index = rt.ParameterIndex()
         for path in files:
@@ -193,17 +215,7 @@ class Session:
             raise PunetError(
                 f"input {spec.name!r}: expected {list(spec.shape)} {spec.dtype}, got {list(t.shape)} {t.dtype}"
             )
-        rt = self._rt
-        device = self._rt_config.device
-        t = t.contiguous()
-        host = t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-        return device.allocator.allocate_buffer_copy(
-            memory_type=rt.MemoryType.DEVICE_LOCAL,
-            allowed_usage=rt.BufferUsage.DEFAULT,
-            device=device,
-            buffer=host,
-            element_type=getattr(rt.HalElementType, _ELEMENT_TYPES[t.dtype]),
-        )
+        return device_buffer(self._rt_config.device, t)
 
     def to_device(self, tensors: dict[str, torch.Tensor]) -> list:
         """Inputs of the single entry as device buffers, in argument order (checked first)."""
@@ -223,10 +235,7 @@ class Session:
     @staticmethod
     def download(result: Any, spec: TensorSpec) -> torch.Tensor:
         """A device result as a torch tensor of `spec`'s shape and dtype."""
-        host = np.array(result.to_host())  # a copy: the mapping dies with `result`
-        if spec.torch_dtype == torch.bfloat16:  # numpy holds it as ml_dtypes.bfloat16
-            return torch.from_numpy(host.view(np.uint16)).view(torch.bfloat16).reshape(spec.shape)
-        return torch.from_numpy(host).reshape(spec.shape)
+        return host_tensor(result).reshape(spec.shape)
 
     def to_torch(self, result: Any) -> torch.Tensor:
         return self.download(result, self.signature.output(self.config))
