@@ -10,8 +10,8 @@ Each shape is `y = x @ W^T + b` with x [1, M, K] and W [N, K] as a parameter (sc
 every attention and feed-forward projection of the UNet takes (no b for the cross-attention keys and
 values, as in the UNet); M is the token count at that level
 (`--size` 256: 64 / 256 tokens at the two attention levels; 512: 256 / 1024). The module is compiled
-with the flags of `punet compile --target cpu --pack-weights` (data tiling, mmt4d microkernels,
-data-tiled convolutions, no transpose propagation) plus each `--variant NAME=FLAG[,FLAG...]`; its weights are packed when the
+with the flags of `punet compile --target cpu --pack-weights` for a UNet module of that size (data tiling,
+mmt4d microkernels, data-tiled convolutions, no transpose propagation, the size's matmul tile budget) plus each `--variant NAME=FLAG[,FLAG...]`; its weights are packed when the
 module loads (the same packing `punet pack` does ahead of time), so the timed calls are the matmuls.
 With `--cold-mib`, each call runs the shape on as many distinct weights as make up that many MiB (one
 module, outputs returned together) and the figures are per matmul: weights read from memory, as in a
@@ -122,13 +122,15 @@ def main() -> None:
     from iree.turbine import aot
 
     from punet.compile import iree_compile
-    from punet.compile.targets import compile_flags, get_target, packed_flags
+    from punet.compile.targets import compile_flags, get_target, matmul_tile_flags, packed_flags
     from punet.runtime import device_buffer, host_tensor
 
     torch.set_num_threads(a.threads)
     bf16 = a.dtype == "bfloat16"
     dtype = getattr(torch, a.dtype)
-    base = packed_flags(compile_flags(get_target("cpu"), tuned=True, dtype=a.dtype), True)
+    # The UNet module's smallest feature map at --size (8x8 / 16x16 tokens) sets its matmul tile budget.
+    base = matmul_tile_flags(packed_flags(compile_flags(get_target("cpu"), tuned=True, dtype=a.dtype), True),
+                             dtype=a.dtype, rows=1, min_tokens={256: 64, 512: 256}[a.size])
     variants = {"packed": []} | {v.split("=", 1)[0]: v.split("=", 1)[1].split(",") for v in a.variant}
     a4 = torch.randn(4096, 4096)
     peak = 2 * 4096**3 / timed(lambda: a4 @ a4, 3) / 1e9

@@ -160,6 +160,10 @@ def test_bf16_packed_module_takes_im2col_convolutions(packed, tmp_path, cfg):
     vmfb = compile_vmfb(mlir, "cpu", pack_weights=True).vmfb
     info = json.loads((vmfb.parent / (vmfb.name + ".json")).read_text())
     assert IM2COL in info["flags"] and CONV_DT not in info["flags"] and info["conv_rows"] is cfg
+    # The small-map tile budget (a 64x64 image: 2x2 tokens at the deepest level) in bf16 bytes for one row;
+    # a CFG module's matmuls keep their two rows (only its convolutions go by rows): the set's budget.
+    budget = "--iree-llvmcpu-matmul-tile-bytes=" + ("2097152" if cfg else "524288")
+    assert budget in info["flags"]
     session = Session.load(vmfb, pack_weights(vmfb, irpa).path)
     x = make_inputs(session.config, sig, 3)
     got = session(x)

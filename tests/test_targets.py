@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import punet.model.layers as layers
-from punet.compile.targets import TARGETS, Target, compile_flags, get_target
+from punet.compile.targets import TARGETS, Target, compile_flags, get_target, matmul_tile_flags
+from punet.config import UNetConfig
+from punet.signature import Signature, level_sizes
 
 from .vmfb_check import check_vmfb
 
@@ -242,6 +244,33 @@ def test_table_shape() -> None:
     for required in ("cpu", "cpu-avx2", "cpu-generic", "gfx942", "gfx950", "gfx1100", "gfx1201", "vulkan", "vulkan-rdna3",
                      "vulkan-ampere", "sm_80", "sm_86", "sm_89", "hopper"):
         assert required in TARGETS
+
+
+def test_matmul_tile_budget() -> None:
+    """Where the smallest feature map has <= 64 tokens (SDXL at 256x256: 8x8), a one-row float module's
+    matmul tile budget is 256K elements per operand, not the set's 2 MiB (docs/cpu-tuning.md)."""
+    tuned = compile_flags(get_target("cpu"), tuned=True)
+    budget = "--iree-llvmcpu-matmul-tile-bytes="
+    assert f"{budget}2097152" in tuned
+
+    def tiles(flags):
+        return [f for f in flags if f.startswith(budget)]
+
+    assert tiles(matmul_tile_flags(tuned, dtype="float32", rows=1, min_tokens=64)) == [f"{budget}1048576"]
+    assert tiles(matmul_tile_flags(tuned, dtype="bfloat16", rows=1, min_tokens=16)) == [f"{budget}524288"]
+    # the rest of the set, in order, is kept
+    assert [f for f in matmul_tile_flags(tuned, dtype="float32", rows=1, min_tokens=64) if not f.startswith(budget)] == [
+        f for f in tuned if not f.startswith(budget)]
+    for kw in (dict(dtype="float32", rows=1, min_tokens=256),  # SDXL at 512x512: 16x16
+               dict(dtype="float32", rows=2, min_tokens=64),  # a CFG step: not measured
+               dict(dtype="int8", rows=1, min_tokens=64)):
+        assert matmul_tile_flags(tuned, **kw) == tuned, kw
+    plain = compile_flags(get_target("cpu"), tuned=False)  # no budget to replace
+    assert matmul_tile_flags(plain, dtype="float32", rows=1, min_tokens=64) == plain
+    # The SDXL base config's smallest map: 8x8 at 256x256, 16x16 at 512x512.
+    sdxl = UNetConfig.from_json(Path(__file__).parent / "data" / "configs" / "sdxl-base-1.0-unet.json")
+    assert min(h * w for h, w in level_sizes(sdxl, Signature(1, 256, 256))) == 64
+    assert min(h * w for h, w in level_sizes(sdxl, Signature(1, 512, 512))) == 256
 
 
 def test_unknown_target_raises() -> None:

@@ -35,8 +35,18 @@ from ..artifacts import (
 from ..config import UNetConfig
 from ..errors import PunetError, UsageError
 from ..fileio import atomic_path, check_output, write_json_atomic, write_text_atomic
-from ..signature import Signature, attention_key_lengths, check_fits
-from .targets import MULTI_DEVICE_DROPPED, TARGETS, Target, compile_flags, get_target, multi_device_flags, packed_flags, quantized_flags
+from ..signature import Signature, attention_key_lengths, check_fits, level_sizes
+from .targets import (
+    MULTI_DEVICE_DROPPED,
+    TARGETS,
+    Target,
+    compile_flags,
+    get_target,
+    matmul_tile_flags,
+    multi_device_flags,
+    packed_flags,
+    quantized_flags,
+)
 
 __all__ = [
     "CompilePlan", "CompileResult", "TARGETS", "Target", "compile_vmfb", "compiler_version", "get_target", "iree_compile",
@@ -241,7 +251,11 @@ def compile_vmfb(
         progress(plan.note)
     # A module that writes its convolutions by rows (punet.export.conv_rows) has one-row convolutions.
     rows = 1 if signature.get("conv_rows") else sig.rows
-    flags = quantized_flags(t, compile_flags(t, tuned=plan.tuned, dtype=sig.dtype, rows=rows), sig.quant)
+    flags = compile_flags(t, tuned=plan.tuned, dtype=sig.dtype, rows=rows)
+    if not sig.quant:
+        min_tokens = min(h * w for h, w in level_sizes(config, sig))
+        flags = matmul_tile_flags(flags, dtype=sig.dtype, rows=sig.rows, min_tokens=min_tokens)
+    flags = quantized_flags(t, flags, sig.quant)
     flags = multi_device_flags(packed_flags(flags, pack_weights), sig.devices)
     flags += list(extra_flags)
     encoder = encoder_path(output) if pack_weights else None

@@ -654,6 +654,31 @@ PACKED_ADDED = {
 }
 
 
+# The tuned CPU set's matmul distribution tile budget (`_CPU_TUNED`: 2 MiB per operand) is sized for
+# feature maps of 256 tokens and more, where a smaller budget splits the token rows and reads the weight
+# more than once. Where the UNet's smallest feature map has at most SMALL_MAP_TOKENS tokens (SDXL at
+# 256x256: the 1280-wide level's 8x8 map), every budget keeps the rows in one tile, and 2 MiB leaves few,
+# unequal workgroups: 5 for a 64x1280x1280 projection on 2 threads (3 + 2), 84-90% of the threads busy.
+# There the budget is SMALL_MAP_TILE_ELEMENTS elements per operand (1 MiB in fp32, 512 KiB in bf16):
+# 8 workgroups, 96% busy; full-size SDXL fp32 at 256x256 on a Zen 4, 1 MiB vs 2 MiB, one process each:
+# 2.21 / 2.20 s vs 2.34 / 2.40 s per call, bit-identical output (docs/cpu-tuning.md). Measured on
+# one-row float modules only, so CFG (two-row) and quantized modules keep the set's budget.
+_TILE_BYTES = "--iree-llvmcpu-matmul-tile-bytes="
+SMALL_MAP_TOKENS = 64
+SMALL_MAP_TILE_ELEMENTS = 256 * 1024
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def matmul_tile_flags(flags: list[str], *, dtype: str, rows: int, min_tokens: int) -> list[str]:
+    """`flags` with the matmul tile budget for a one-row float module whose smallest feature map has
+    `min_tokens` tokens (see SMALL_MAP_TOKENS); unchanged where the set has no budget or the rule does
+    not apply."""
+    if rows != 1 or min_tokens > SMALL_MAP_TOKENS or dtype not in _ITEMSIZE:
+        return list(flags)
+    budget = f"{_TILE_BYTES}{SMALL_MAP_TILE_ELEMENTS * _ITEMSIZE[dtype]}"
+    return [budget if f.startswith(_TILE_BYTES) else f for f in flags]
+
+
 def packed_flags(flags: list[str], packed: bool) -> list[str]:
     """`flags` for a module that reads packed weights (`punet pack`), or unchanged."""
     if not packed:
