@@ -661,8 +661,9 @@ PACKED_ADDED = {
 # unequal workgroups: 5 for a 64x1280x1280 projection on 2 threads (3 + 2), 84-90% of the threads busy.
 # There the budget is SMALL_MAP_TILE_ELEMENTS elements per operand (1 MiB in fp32, 512 KiB in bf16):
 # 8 workgroups, 96% busy; full-size SDXL fp32 at 256x256 on a Zen 4, 1 MiB vs 2 MiB, one process each:
-# 2.21 / 2.20 s vs 2.34 / 2.40 s per call, bit-identical output (docs/cpu-tuning.md). Measured on
-# one-row float modules only, so CFG (two-row) and quantized modules keep the set's budget.
+# 2.21 / 2.20 s vs 2.34 / 2.40 s per call, bit-identical output (docs/cpu-tuning.md). Two-row (CFG)
+# modules keep the set's budget: their batch dimension already doubles the workgroups (the bf16 256x256
+# CFG step with 512 KiB: 2.70 / 2.41 s vs 2.53 / 2.68 s, level); quantized modules were not measured.
 _TILE_BYTES = "--iree-llvmcpu-matmul-tile-bytes="
 SMALL_MAP_TOKENS = 64
 SMALL_MAP_TILE_ELEMENTS = 256 * 1024
