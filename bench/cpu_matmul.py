@@ -128,9 +128,10 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     bf16 = a.dtype == "bfloat16"
     dtype = getattr(torch, a.dtype)
-    # The UNet module's smallest feature map at --size (8x8 / 16x16 tokens) sets its matmul tile budget.
+    level = 0 if a.size == 256 else 1  # which of SHAPES' token counts
+    # The UNet module's smallest feature map at --size (the 1280-wide level's tokens) sets its matmul tile budget.
     base = matmul_tile_flags(packed_flags(compile_flags(get_target("cpu"), tuned=True, dtype=a.dtype), True),
-                             dtype=a.dtype, rows=1, min_tokens={256: 64, 512: 256}[a.size])
+                             dtype=a.dtype, rows=1, min_tokens=SHAPES["q/k/v/out 1280"][0][level])
     variants = {"packed": []} | {v.split("=", 1)[0]: v.split("=", 1)[1].split(",") for v in a.variant}
     a4 = torch.randn(4096, 4096)
     peak = 2 * 4096**3 / timed(lambda: a4 @ a4, 3) / 1e9
@@ -142,7 +143,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.shapes:
             ms_, n, k = SHAPES[name]
-            m = ms_[0 if a.size == 256 else 1]
+            m = ms_[level]
             copies = max(1, a.cold_mib * 2**20 // (dtype.itemsize * n * k))
             gflop = 2 * m * n * k / 1e9
             torch.manual_seed(0)

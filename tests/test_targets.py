@@ -22,7 +22,7 @@ from torch import nn
 import punet.model.layers as layers
 from punet.compile.targets import TARGETS, Target, compile_flags, get_target, matmul_tile_flags
 from punet.config import UNetConfig
-from punet.signature import Signature, level_sizes
+from punet.signature import Signature, deepest_latent
 
 from .vmfb_check import check_vmfb
 
@@ -269,8 +269,8 @@ def test_matmul_tile_budget() -> None:
     assert matmul_tile_flags(plain, dtype="float32", rows=1, min_tokens=64) == plain
     # The SDXL base config's smallest map: 8x8 at 256x256, 16x16 at 512x512.
     sdxl = UNetConfig.from_json(Path(__file__).parent / "data" / "configs" / "sdxl-base-1.0-unet.json")
-    assert min(h * w for h, w in level_sizes(sdxl, Signature(1, 256, 256))) == 64
-    assert min(h * w for h, w in level_sizes(sdxl, Signature(1, 512, 512))) == 256
+    assert deepest_latent(sdxl, Signature(1, 256, 256)) == (8, 8)
+    assert deepest_latent(sdxl, Signature(1, 512, 512)) == (16, 16)
 
 
 def test_unknown_target_raises() -> None:

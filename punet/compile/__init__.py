@@ -35,7 +35,7 @@ from ..artifacts import (
 from ..config import UNetConfig
 from ..errors import PunetError, UsageError
 from ..fileio import atomic_path, check_output, write_json_atomic, write_text_atomic
-from ..signature import Signature, attention_key_lengths, check_fits, level_sizes
+from ..signature import Signature, attention_key_lengths, check_fits, deepest_latent
 from .targets import (
     MULTI_DEVICE_DROPPED,
     TARGETS,
@@ -253,8 +253,8 @@ def compile_vmfb(
     rows = 1 if signature.get("conv_rows") else sig.rows
     flags = compile_flags(t, tuned=plan.tuned, dtype=sig.dtype, rows=rows)
     if not sig.quant:
-        min_tokens = min(h * w for h, w in level_sizes(config, sig))
-        flags = matmul_tile_flags(flags, dtype=sig.dtype, rows=sig.rows, min_tokens=min_tokens)
+        h, w = deepest_latent(config, sig)
+        flags = matmul_tile_flags(flags, dtype=sig.dtype, rows=sig.rows, min_tokens=h * w)
     flags = quantized_flags(t, flags, sig.quant)
     flags = multi_device_flags(packed_flags(flags, pack_weights), sig.devices)
     flags += list(extra_flags)
