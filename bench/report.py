@@ -8,6 +8,7 @@ skipped without matplotlib).
 from __future__ import annotations
 
 import re
+import statistics
 from pathlib import Path
 
 BEGIN = "<!-- suite:begin -->"
@@ -59,6 +60,32 @@ def label(name: str) -> str:
     return f"{KIND_LABEL.get(kind, kind)} {SHORT.get(dtype, dtype)}"
 
 
+def pooled(timings: list[dict]) -> list[dict]:
+    """`timings` with each alone runner's rounds (bench/suite.py --rounds) merged into one entry, where its
+    first round was: the calls of every round pooled (median and min over all of them), each round's own
+    median kept in `round_medians_s`, the processes' largest peak RSS. Entries without a round are kept as
+    they are."""
+    out: list[dict] = []
+    merged: dict[tuple, dict] = {}
+    for t in timings:
+        if "round" not in t or len(t["runners"]) != 1:
+            out.append(t)
+            continue
+        (name, r), = t["runners"].items()
+        m = merged.get((t["size"], name))
+        if m is None:
+            m = merged[(t["size"], name)] = dict(t, rounds=0, runners={name: dict(r, samples_s=[], round_medians_s=[])})
+            out.append(m)
+        mr = m["runners"][name]
+        mr["samples_s"] += r["samples_s"]
+        mr["round_medians_s"].append(r["median_s"])
+        mr["median_s"], mr["min_s"] = statistics.median(mr["samples_s"]), min(mr["samples_s"])
+        m["rounds"] += 1
+        rss = [x for x in (m.get("peak_rss_gib"), t.get("peak_rss_gib")) if x is not None]
+        m["peak_rss_gib"] = max(rss) if rss else None
+    return out
+
+
 def rows(results: dict, tflop: dict, peak_tflops: float | None) -> list[dict]:
     """One row per runner and size, eager fp32 first in each size.
 
@@ -76,9 +103,10 @@ def rows(results: dict, tflop: dict, peak_tflops: float | None) -> list[dict]:
             for dtype in SHORT:  # one float32 IR serves every OpenVINO precision
                 builds[(s["size"], "openvino " + dtype)] = s["seconds"]
     out = []
-    sizes = list(dict.fromkeys(t["size"] for t in results["timings"]))
+    all_timings = pooled(results["timings"])
+    sizes = list(dict.fromkeys(t["size"] for t in all_timings))
     for size in sizes:
-        timings = [t for t in results["timings"] if t["size"] == size]
+        timings = [t for t in all_timings if t["size"] == size]
         base_alone = next((t for t in timings if list(t["runners"]) == [BASE]), None)
         first_base = base_alone or next((t for t in timings if BASE in t["runners"]), None)
         entries = [(first_base, BASE)] if first_base else []
@@ -92,7 +120,8 @@ def rows(results: dict, tflop: dict, peak_tflops: float | None) -> list[dict]:
             p = probes.get((size, name), {})
             out.append({
                 "size": size, "runner": name, "label": label(name), "kind": name.split(" ")[0],
-                "timed": "paired" if paired else "alone", "process_rss_gib": t.get("peak_rss_gib"),
+                "timed": "paired" if paired else "alone" + (f" x{t['rounds']}" if t.get("rounds", 1) > 1 else ""),
+                "round_medians_s": r.get("round_medians_s"), "process_rss_gib": t.get("peak_rss_gib"),
                 "median_s": r["median_s"], "min_s": r["min_s"],
                 "ratio": base / r["median_s"] if base else None,
                 "floor_fraction": floor / r["median_s"] if floor else None,
@@ -100,6 +129,38 @@ def rows(results: dict, tflop: dict, peak_tflops: float | None) -> list[dict]:
                 "build_s": builds.get((size, name)), "load_s": p.get("load_s"), "first_call_s": p.get("first_call_s"),
                 "source": r.get("source"),
             })
+    return out
+
+
+PEER_KINDS = ("eager", "compile", "openvino")
+
+
+def versus(table: list[dict]) -> list[dict]:
+    """IREE's speed relative to each peer row of its size and dtype (>1: IREE faster), one entry per IREE row.
+
+    The ratio of the two rows' ratios to their own torch eager fp32, so a paired peer and an alone IREE
+    compare through their baselines (for two alone rows it is the peer's median / IREE's); the medians'
+    quotient where a row has no ratio. Where both ran alone over the same number of rounds, `rounds` holds
+    each round's peer median / IREE median.
+    """
+    out = []
+    for r in table:
+        if r["kind"] != "iree":
+            continue
+        dtype = r["runner"].split(" ", 1)[1]
+        entry: dict = {"size": r["size"], "dtype": dtype, "peers": {}, "rounds": {}}
+        for peer in table:
+            if peer["size"] != r["size"] or peer["kind"] not in PEER_KINDS or peer["runner"].split(" ", 1)[1] != dtype:
+                continue
+            if r["ratio"] and peer["ratio"]:
+                entry["peers"][peer["kind"]] = r["ratio"] / peer["ratio"]
+            else:
+                entry["peers"][peer["kind"]] = peer["median_s"] / r["median_s"]
+            mine, theirs = r.get("round_medians_s") or [], peer.get("round_medians_s") or []
+            if len(mine) > 1 and len(mine) == len(theirs):
+                entry["rounds"][peer["kind"]] = [b / a for a, b in zip(mine, theirs)]
+        if entry["peers"]:
+            out.append(entry)
     return out
 
 
@@ -177,13 +238,13 @@ def render(results: dict, chart: Path | None = None) -> str:
             f"{_f(r['load_s'], '.2f')} | {_f(r['first_call_s'], '.2f')} |"
         )
     pairs = [f"{r['size']} {r['label']}" for r in table if r["timed"] == "paired" and r["runner"] != BASE]
-    alone = [f"{r['size']} {r['label']}" for r in table if r["timed"] == "alone"]
+    alone = [f"{r['size']} {r['label']}" for r in table if r["timed"].startswith("alone")]
     lines += [
         "",
         "Paired with torch eager fp32: " + (", ".join(pairs) or "none") + ". Alone: " + (", ".join(alone) or "none")
         + ". Timing processes' peak RSS (GiB): "
         + ", ".join(f"{t['size']} {' + '.join(label(n) for n in t['runners'])} {t['peak_rss_gib']:.2f}"
-                    for t in results["timings"] if t.get("peak_rss_gib") is not None) + ".",
+                    for t in pooled(results["timings"]) if t.get("peak_rss_gib") is not None) + ".",
         "",
         "Runners: torch eager = punet's torch model (SDPA attention) under `torch.inference_mode()`; "
         "torch.compile = `torch.compile(model)` of that model (inductor, default mode) on the same inputs; "
@@ -193,6 +254,24 @@ def render(results: dict, chart: Path | None = None) -> str:
         "converted in its timing process from the eager fp32 model it alternates with, sharing its weights, "
         "and a paired torch.compile fp32 runner compiles that same model: the weights are read once.",
     ]
+    head = versus(table)
+    if head:
+        kinds = [k for k in PEER_KINDS if any(k in e["peers"] for e in head)]
+        lines += [
+            "", "### IREE against each runner", "",
+            "IREE's speed relative to the runner in the same dtype at the same size (>1: IREE is faster): the "
+            "quotient of the two rows' ratios to torch eager fp32, so paired and alone rows compare through "
+            "their own baselines; *by round*: where both ran alone in every round (`--rounds`), the quotient "
+            "of their medians in each round (a round's processes run one after another).",
+            "",
+            "| size | dtype | " + " | ".join(f"vs {KIND_LABEL[k]}" for k in kinds) + " | by round |",
+            "| --- | --- | " + " | ".join("---:" for _ in kinds) + " | --- |",
+        ]
+        for e in head:
+            by_round = "; ".join(f"{KIND_LABEL[k]}: " + ", ".join(f"{x:.2f}x" for x in v) for k, v in e["rounds"].items())
+            lines.append(f"| {e['size']}x{e['size']} | {SHORT.get(e['dtype'], e['dtype'])} | "
+                         + " | ".join(_f(e["peers"].get(k), ".2f") + ("x" if k in e["peers"] else "") for k in kinds)
+                         + f" | {by_round} |")
     lines += ["", "### Stages", "", "| stage | size | dtype | seconds | peak RSS GiB |",
               "| --- | --- | --- | ---: | ---: |"]
     for s in results["stages"]:
@@ -253,7 +332,7 @@ def _chart(results: dict, path: Path) -> Path | None:
                              gridspec_kw={"height_ratios": counts}, squeeze=False)
     for ax, size in zip(axes[:, 0], sizes):
         group = [r for r in table if r["size"] == size][::-1]
-        names = [r["label"] + (" (alone)" if r["timed"] == "alone" else "") for r in group]
+        names = [r["label"] + (" (alone)" if r["timed"].startswith("alone") else "") for r in group]
         values = [r["median_s"] for r in group]
         ax.barh(names, values, color=[KIND_COLOR.get(r["kind"], "#999999") for r in group])
         for i, r in enumerate(group):

@@ -2,6 +2,7 @@
 
     python bench/suite.py                       # 256x256 and 512x512, batch 1 (about 40 min on 2 cores without peers)
     python bench/suite.py --sizes 256 --repeat 2 --peers openvino --alone openvino
+    python bench/suite.py --sizes 256 --peers openvino --alone openvino iree:float32 --rounds 3   # IREE vs OpenVINO
     python bench/suite.py --config /tmp/tiny.json --work /tmp/suite_tiny --sizes 64 --iree-dtypes float32 \
         --eager-dtypes float32 --repeat 2 --out /tmp/suite_tiny/benchmarks.md    # a small config, minutes
 
@@ -13,7 +14,8 @@ punet's torch model, saved), each timed with its peak RSS as a child process;
 a probe process per runner (load + one call) gives its peak RSS and its
 output, compared with torch eager fp32; and one timing process per runner
 alternates it with torch eager fp32 on the same inputs and threads, warm-up
-excluded (or times it alone: --alone). The peers (--peers: torch.compile,
+excluded (or times it alone: --alone; with --rounds R the alone processes
+run R times in rotation and each alone runner pools its rounds' calls). The peers (--peers: torch.compile,
 OpenVINO) run the dtypes of --eager-dtypes, bf16 only where the CPU has
 AVX-512 BF16 or AMX.
 
@@ -134,6 +136,10 @@ def main() -> None:
                         "(a pair that does not fit in memory), e.g. openvino or iree:float32; their ratio is "
                         "then against an eager fp32 process of its own")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="times the alone processes run, in rotation (eager fp32 alone, each --alone runner, then "
+                        "again): an alone runner's figure pools its rounds' calls, so drift between processes "
+                        "falls on every alone runner alike, and the report compares IREE with OpenVINO round by round")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
                    help="markdown file: the suite's section (between its markers) is replaced, the rest kept")
@@ -144,6 +150,8 @@ def main() -> None:
         kind, _, dtype = token.partition(":")
         if kind not in kinds or (dtype and dtype not in SHORT):
             p.error(f"--alone {token}: expected KIND or KIND:DTYPE with KIND one of {', '.join(kinds)}")
+    if a.rounds < 1:
+        p.error(f"--rounds {a.rounds}: expected 1 or more")
     if "float32" not in a.eager_dtypes:
         p.error("--eager-dtypes must include float32 (the baseline of every ratio and the reference output)")
     eager_dtypes = ["float32"] + [d for d in a.eager_dtypes if d != "float32"]
@@ -236,25 +244,28 @@ def main() -> None:
         # One timing process per runner, alternating it with torch eager fp32: every ratio is measured
         # side by side, and no process holds more than two models (two full-size IREE runners with their
         # packed weights do not fit 24 GB beside torch's). A runner named by --alone runs by itself, and an
-        # eager fp32 process of its own gives its ratio.
+        # eager fp32 process of its own gives its ratio. The alone processes run --rounds times, in rotation.
         base = specs[0]
         alone = [s for s in specs[1:] if matches(s, a.alone)]
-        jobs = [[base, s] for s in specs[1:] if s not in alone]
-        if alone or len(specs) == 1:
-            jobs.append([base])
-        jobs += [[s] for s in alone]
-        for pair in jobs:
+        jobs = [([base, s], 0) for s in specs[1:] if s not in alone]
+        solo = ([[base]] if alone or len(specs) == 1 else []) + [[s] for s in alone]
+        jobs += [(pair, r) for r in range(1, a.rounds + 1) for pair in solo]
+        for pair, round_ in jobs:
             spec = pair[-1]
             label = f"{spec['kind']}_{spec['dtype']}" + ("_alone" if len(pair) == 1 else "")
+            label += f"_r{round_}" if a.rounds > 1 and round_ else ""
             what = f"eager float32 and {spec['kind']} {spec['dtype']} alternating" if len(pair) == 2 else \
-                f"{spec['kind']} {spec['dtype']} alone"
+                f"{spec['kind']} {spec['dtype']} alone" + (f", round {round_} of {a.rounds}" if a.rounds > 1 else "")
             print(f"timing {size}: {what}, {a.repeat} calls each", flush=True)
             out = work / f"timing_{size}_{label}.json"
             # OpenVINO beside eager fp32: converted in the process from eager's model, sharing its weights.
             runners = [dict(s, share=len(pair) == 2) if s["kind"] == "openvino" else s for s in pair]
             job = {"mode": "timing", "runners": runners, "threads": a.threads, "repeat": a.repeat, "out": str(out)}
             run_child(worker + [json.dumps(job)], logs / f"timing_{size}_{label}.log")
-            results["timings"].append(json.loads(out.read_text()))
+            timing = json.loads(out.read_text())
+            if round_:
+                timing["round"] = round_
+            results["timings"].append(timing)
 
     results["host"] = machine
     Path(a.json or work / "results.json").write_text(json.dumps(results, indent=2))

@@ -136,6 +136,49 @@ def test_a_reused_module_counts_its_own_build_time(tmp_path):
     assert "| compile | 128 | float32 | 150.0 | 0.80 |" in text
 
 
+def alone_round(size, name, samples, r, rss=1.0):
+    t = timing(size, {name: sorted(samples)[len(samples) // 2]}, rss)
+    t["runners"][name]["samples_s"] = list(samples)
+    return dict(t, round=r)
+
+
+def test_rounds_pool_alone_runners_and_compare_iree_round_by_round(tmp_path):
+    """Bugs this catches in `--rounds` (bench/suite.py runs the alone processes R times in rotation): the
+    report keeping one round's figure (the last, or the first) instead of the median over every round's
+    calls; rounds of one runner merged with another's (or one size's with another's); the by-round
+    quotient inverted (peer / IREE is >1 when IREE is faster); the eager fp32 baseline of an alone ratio
+    taken from a single round. Reference: medians and quotients worked out here by hand."""
+    results = fake_results()
+    rounds = {  # size 256, two rounds each, in rotation: eager, IREE, OpenVINO, then again
+        "eager float32": ([4.0, 4.2, 4.4], [5.0, 5.2, 5.4]),
+        "iree float32": ([2.0, 2.1, 2.2], [3.0, 2.9, 3.1]),
+        "openvino float32": ([2.2, 2.3, 2.4], [2.6, 2.7, 2.8]),
+    }
+    for r in (1, 2):
+        for name, samples in rounds.items():
+            results["timings"].append(alone_round(256, name, samples[r - 1], r, rss=r + 0.5))
+    # Size 128's OpenVINO bf16 / eager fp32 alone rows stay single-process rows without rounds.
+    out = tmp_path / "b.md"
+    report.write_report(results, out, chart=False)
+    text = out.read_text()
+    eager, iree, ov = (table_row(text, 256, label) for label in ("torch eager fp32", "IREE fp32", "OpenVINO fp32"))
+    # Pooled medians of six calls: eager (4.4 + 5.0) / 2 = 4.7, IREE (2.2 + 2.9) / 2 = 2.55, OpenVINO 2.5.
+    assert [eager[2], eager[3], eager[4]] == ["alone x2", "4.70", "4.00"]
+    assert [iree[2], iree[3], iree[4], iree[5]] == ["alone x2", "2.55", "2.00", f"{4.7 / 2.55:.2f}x"]
+    assert [ov[3], ov[5]] == ["2.50", f"{4.7 / 2.5:.2f}x"]
+    assert "256 IREE fp32 2.50" in text  # the larger of the two rounds' process RSS
+    assert table_row(text, 128, "OpenVINO bf16")[2] == "alone"
+    versus = table_row(text, 256, "fp32")
+    # vs torch eager = IREE's ratio; vs OpenVINO = 2.5 / 2.55; by round: 4.2/2.1, 5.2/3.0 and 2.3/2.1, 2.7/3.0.
+    assert versus[2:5] == [f"{4.7 / 2.55:.2f}x", "", f"{2.5 / 2.55:.2f}x"]
+    assert versus[5] == (f"torch eager: {4.2 / 2.1:.2f}x, {5.2 / 3.0:.2f}x; "
+                         f"OpenVINO: {2.3 / 2.1:.2f}x, {2.7 / 3.0:.2f}x")
+    # Paired rows compare through each process's own eager fp32: IREE 2.0 / 1.0 against torch.compile's
+    # 2.2 / 1.1 and OpenVINO's 2.4 / 0.6 (a quotient of medians would give 2.2 / 1.0 and 2.4 / 1.0).
+    expected = ["2.00x", f"{(2.0 / 1.0) / (2.2 / 1.1):.2f}x", f"{(2.0 / 1.0) / (2.4 / 0.6):.2f}x"]
+    assert table_row(text, 64, "fp32")[2:5] == expected
+
+
 def test_suite_reads_reuse_from_the_punet_logs(tmp_path):
     """Bug: the suite's reuse check out of step with what `punet compile` / `punet pack` print when they
     reuse an output. Reference: those commands' own messages (punet/cli.py: compile, pack)."""
