@@ -2,7 +2,8 @@
 
     python bench/suite.py                       # 256x256 and 512x512, batch 1 (about 40 min on 2 cores without peers)
     python bench/suite.py --sizes 256 --repeat 2 --peers openvino --alone openvino
-    python bench/suite.py --sizes 256 --peers openvino --alone openvino iree:float32 --rounds 3   # IREE vs OpenVINO
+    python bench/suite.py --sizes 256 --iree-dtypes float32 --eager-dtypes float32 --peers openvino \
+        --alone openvino iree:float32 --rounds 3        # IREE vs OpenVINO fp32, alone in 3 rounds
     python bench/suite.py --config /tmp/tiny.json --work /tmp/suite_tiny --sizes 64 --iree-dtypes float32 \
         --eager-dtypes float32 --repeat 2 --out /tmp/suite_tiny/benchmarks.md    # a small config, minutes
 
