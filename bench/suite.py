@@ -140,7 +140,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="times the alone processes run, in rotation (eager fp32 alone, each --alone runner, then "
                         "again): an alone runner's figure pools its rounds' calls, so drift between processes "
-                        "falls on every alone runner alike, and the report compares IREE with OpenVINO round by round")
+                        "falls on every alone runner alike, and the report compares IREE with each runner timed alone "
+                        "round by round")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
                    help="markdown file: the suite's section (between its markers) is replaced, the rest kept")

@@ -262,7 +262,7 @@ def test_matmul_tile_budget() -> None:
     assert [f for f in matmul_tile_flags(tuned, dtype="float32", rows=1, min_tokens=64) if not f.startswith(budget)] == [
         f for f in tuned if not f.startswith(budget)]
     for kw in (dict(dtype="float32", rows=1, min_tokens=256),  # SDXL at 512x512: 16x16
-               dict(dtype="float32", rows=2, min_tokens=64),  # a CFG step: twice the workgroups already
+               dict(dtype="float32", rows=2, min_tokens=64),  # a CFG step: the set's budget (see targets.py)
                dict(dtype="int8", rows=1, min_tokens=64)):
         assert matmul_tile_flags(tuned, **kw) == tuned, kw
     plain = compile_flags(get_target("cpu"), tuned=False)  # no budget to replace

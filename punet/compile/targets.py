@@ -662,8 +662,10 @@ PACKED_ADDED = {
 # There the budget is SMALL_MAP_TILE_ELEMENTS elements per operand (1 MiB in fp32, 512 KiB in bf16):
 # 8 workgroups, 96% busy; full-size SDXL fp32 at 256x256 on a Zen 4, 1 MiB vs 2 MiB, one process each:
 # 2.21 / 2.20 s vs 2.34 / 2.40 s per call, bit-identical output (docs/cpu-tuning.md). Two-row (CFG)
-# modules keep the set's budget: their batch dimension already doubles the workgroups (the bf16 256x256
-# CFG step with 512 KiB: 2.70 / 2.41 s vs 2.53 / 2.68 s, level); quantized modules were not measured.
+# modules keep the set's budget: their batch dimension doubles the workgroups, and the bf16 256x256 CFG
+# step with 512 KiB measured level (2.70 / 2.41 s vs 2.53 / 2.68 s). The fp32 one with 1 MiB measured
+# 1.05-1.07x faster in two rounds (4.89 / 4.63 s vs 5.12 / 4.96 s): a lead, not yet applied (tenth
+# session). Quantized modules were not measured.
 _TILE_BYTES = "--iree-llvmcpu-matmul-tile-bytes="
 SMALL_MAP_TOKENS = 64
 SMALL_MAP_TILE_ELEMENTS = 256 * 1024
