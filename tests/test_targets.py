@@ -248,7 +248,8 @@ def test_table_shape() -> None:
 
 def test_matmul_tile_budget() -> None:
     """Where the smallest feature map has <= 64 tokens (SDXL at 256x256: 8x8), a one-row float module's
-    matmul tile budget is 256K elements per operand, not the set's 2 MiB (docs/cpu-tuning.md)."""
+    matmul tile budget is 256K elements per operand, not the set's 2 MiB, and so is a two-row fp32 one's
+    (a CFG step); a two-row bf16 module keeps 2 MiB (docs/cpu-tuning.md)."""
     tuned = compile_flags(get_target("cpu"), tuned=True)
     budget = "--iree-llvmcpu-matmul-tile-bytes="
     assert f"{budget}2097152" in tuned
@@ -258,11 +259,13 @@ def test_matmul_tile_budget() -> None:
 
     assert tiles(matmul_tile_flags(tuned, dtype="float32", rows=1, min_tokens=64)) == [f"{budget}1048576"]
     assert tiles(matmul_tile_flags(tuned, dtype="bfloat16", rows=1, min_tokens=16)) == [f"{budget}524288"]
+    assert tiles(matmul_tile_flags(tuned, dtype="float32", rows=2, min_tokens=64)) == [f"{budget}1048576"]
     # the rest of the set, in order, is kept
     assert [f for f in matmul_tile_flags(tuned, dtype="float32", rows=1, min_tokens=64) if not f.startswith(budget)] == [
         f for f in tuned if not f.startswith(budget)]
     for kw in (dict(dtype="float32", rows=1, min_tokens=256),  # SDXL at 512x512: 16x16
-               dict(dtype="float32", rows=2, min_tokens=64),  # a CFG step: the set's budget (see targets.py)
+               dict(dtype="bfloat16", rows=2, min_tokens=64),  # a bf16 CFG step: level, the set's budget
+               dict(dtype="float32", rows=3, min_tokens=64),  # more rows: not measured, the set's budget
                dict(dtype="int8", rows=1, min_tokens=64)):
         assert matmul_tile_flags(tuned, **kw) == tuned, kw
     plain = compile_flags(get_target("cpu"), tuned=False)  # no budget to replace

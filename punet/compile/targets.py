@@ -661,22 +661,23 @@ PACKED_ADDED = {
 # unequal workgroups: 5 for a 64x1280x1280 projection on 2 threads (3 + 2), 84-90% of the threads busy.
 # There the budget is SMALL_MAP_TILE_ELEMENTS elements per operand (1 MiB in fp32, 512 KiB in bf16):
 # 8 workgroups, 96% busy; full-size SDXL fp32 at 256x256 on a Zen 4, 1 MiB vs 2 MiB, one process each:
-# 2.21 / 2.20 s vs 2.34 / 2.40 s per call, bit-identical output (docs/cpu-tuning.md). Two-row (CFG)
-# modules keep the set's budget: their batch dimension doubles the workgroups, and the bf16 256x256 CFG
-# step with 512 KiB measured level (2.70 / 2.41 s vs 2.53 / 2.68 s). The fp32 one with 1 MiB measured
-# 1.05-1.07x faster in two rounds (4.89 / 4.63 s vs 5.12 / 4.96 s): a lead, not yet applied (tenth
-# session). Quantized modules were not measured.
+# 2.21 / 2.20 s vs 2.34 / 2.40 s per call, bit-identical output (docs/cpu-tuning.md). Two-row modules (a
+# CFG step, or batch 2) get it in fp32 only (SMALL_MAP_ROWS): the fp32 256x256 CFG step, six rounds of
+# one process per build, 1 MiB 4.69 s vs 2 MiB 5.04 s (medians of 30 calls each, 1.08x; 1 MiB ahead in
+# four rounds, level in two), bit-identical; the bf16 one with 512 KiB measured level (2.70 / 2.41 s vs
+# 2.53 / 2.68 s), so bf16 keeps the set's budget there. Quantized modules and more rows: not measured.
 _TILE_BYTES = "--iree-llvmcpu-matmul-tile-bytes="
 SMALL_MAP_TOKENS = 64
 SMALL_MAP_TILE_ELEMENTS = 256 * 1024
+SMALL_MAP_ROWS = {"float32": 2, "bfloat16": 1, "float16": 1}
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def matmul_tile_flags(flags: list[str], *, dtype: str, rows: int, min_tokens: int) -> list[str]:
-    """`flags` with the matmul tile budget for a one-row float module whose smallest feature map has
-    `min_tokens` tokens (see SMALL_MAP_TOKENS); unchanged where the set has no budget or the rule does
-    not apply."""
-    if rows != 1 or min_tokens > SMALL_MAP_TOKENS or dtype not in _ITEMSIZE:
+    """`flags` with the matmul tile budget for a float module of `rows` UNet rows whose smallest feature
+    map has `min_tokens` tokens (see SMALL_MAP_TOKENS and SMALL_MAP_ROWS); unchanged where the set has no
+    budget or the rule does not apply."""
+    if dtype not in _ITEMSIZE or rows > SMALL_MAP_ROWS[dtype] or min_tokens > SMALL_MAP_TOKENS:
         return list(flags)
     budget = f"{_TILE_BYTES}{SMALL_MAP_TILE_ELEMENTS * _ITEMSIZE[dtype]}"
     return [budget if f.startswith(_TILE_BYTES) else f for f in flags]
