@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cpu_matmul import cpu_line, timed  # bench/: this script's folder is first on sys.path
+from cpu_matmul import cpu_line, parse_variants, timed  # bench/: this script's folder is first on sys.path
 
 # name -> (heads, query tokens at 256x256 / 512x512 / 1024x1024, key tokens or None for self-attention)
 SHAPES = {
@@ -52,7 +52,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--shapes", nargs="*", choices=list(SHAPES), default=list(SHAPES))
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME=FLAG[,FLAG...] added to the packed flag set, timed on the sliced form beside it")
     a = p.parse_args()
+    variants = parse_variants(a.variant)
 
     import iree.runtime as rt
     from iree.turbine import aot
@@ -80,11 +83,14 @@ def main() -> None:
             t = timed(lambda: F.scaled_dot_product_attention(q, k, v), a.repeat)
             print(f"{name:11} {dims:>16} {'torch sdpa':16} {'':>6} {t * 1e3:8.2f} {gflop / t:8.0f}", flush=True)
             sliced = layers.attention_slices(1, heads, n, m)
-            for label, per_slice in (("iree", budget), ("iree whole", 1 << 62))[: 2 if sliced > 1 else 1]:
+            builds = [("iree", budget, [])] + [("iree whole", 1 << 62, [])] * (sliced > 1)
+            builds += [(f"iree {vname}", budget, extra) for vname, extra in variants.items()]
+            for label, per_slice, extra in builds:
                 slices = layers.attention_slices(1, heads, n, m, per_slice)
                 mlir, vmfb = Path(tmp, "a.mlir"), Path(tmp, "a.vmfb")
                 aot.export(Core(per_slice), args=(q, k, v)).save_mlir(str(mlir))
-                proc = subprocess.run([iree_compile(), str(mlir), *flags, "-o", str(vmfb)], capture_output=True, text=True)
+                proc = subprocess.run([iree_compile(), str(mlir), *flags, *extra, "-o", str(vmfb)],
+                                      capture_output=True, text=True)
                 if proc.returncode:
                     print(f"{'':28} {label:16} compile failed: {proc.stderr.strip().splitlines()[0][:100]}", flush=True)
                     continue

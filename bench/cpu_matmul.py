@@ -103,6 +103,17 @@ def openvino_time(
     return timed(lambda: request.infer([xn]), repeat), err
 
 
+def parse_variants(specs: list[str]) -> dict[str, list[str]]:
+    """`--variant NAME=FLAG[,FLAG...]` options -> {NAME: [FLAG, ...]} (a flag keeps its own `=`)."""
+    out = {}
+    for spec in specs:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name or not flags:
+            raise SystemExit(f"--variant {spec!r}: expected NAME=FLAG[,FLAG...]")
+        out[name] = flags.split(",")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, choices=[256, 512], default=512)
@@ -132,7 +143,7 @@ def main() -> None:
     # The UNet module's smallest feature map at --size (the 1280-wide level's tokens) sets its matmul tile budget.
     base = matmul_tile_flags(packed_flags(compile_flags(get_target("cpu"), tuned=True, dtype=a.dtype), True),
                              dtype=a.dtype, rows=1, min_tokens=SHAPES["q/k/v/out 1280"][0][level])
-    variants = {"packed": []} | {v.split("=", 1)[0]: v.split("=", 1)[1].split(",") for v in a.variant}
+    variants = {"packed": []} | parse_variants(a.variant)
     a4 = torch.randn(4096, 4096)
     peak = 2 * 4096**3 / timed(lambda: a4 @ a4, 3) / 1e9
     weights = f"cold weights ({a.cold_mib} MiB per call), ms per matmul" if a.cold_mib else "one weight, hot"
