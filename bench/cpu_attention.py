@@ -62,10 +62,11 @@ def main() -> None:
 
     import punet.model.layers as layers
     from punet.compile import iree_compile
-    from punet.compile.targets import compile_flags, get_target, packed_flags
+    from punet.compile.targets import compile_flags, get_target, packed_flags, packed_ukernel_flags
 
     torch.set_num_threads(a.threads)
-    flags = packed_flags(compile_flags(get_target("cpu"), tuned=True), True)
+    flags = packed_ukernel_flags(packed_flags(compile_flags(get_target("cpu"), tuned=True), True), "cpu",
+                                 dtype="float32", quant="")
     budget = layers.SCORES_PER_SLICE
     print(f"{cpu_line()}; {a.threads} threads; fp32; {a.size}x{a.size}; SCORES_PER_SLICE {budget}", flush=True)
     print(f"{'shape':11} {'heads x N x M':>16} {'runner':16} {'slices':>6} {'ms':>8} {'GFLOP/s':>8}")

@@ -11,7 +11,8 @@ every attention and feed-forward projection of the UNet takes (no b for the cros
 values, as in the UNet); M is the token count at that level
 (`--size` 256: 64 / 256 tokens at the two attention levels; 512: 256 / 1024). The module is compiled
 with the flags of `punet compile --target cpu --pack-weights` for a UNet module of that size (data tiling,
-mmt4d microkernels, data-tiled convolutions, no transpose propagation, the size's matmul tile budget) plus each `--variant NAME=FLAG[,FLAG...]`; its weights are packed when the
+data-tiled convolutions, in fp32 only their microkernel and the matmuls through the code generator, no
+transpose propagation, the size's matmul tile budget) plus each `--variant NAME=FLAG[,FLAG...]`; its weights are packed when the
 module loads (the same packing `punet pack` does ahead of time), so the timed calls are the matmuls.
 With `--cold-mib`, each call runs the shape on as many distinct weights as make up that many MiB (one
 module, outputs returned together) and the figures are per matmul: weights read from memory, as in a
@@ -133,7 +134,7 @@ def main() -> None:
     from iree.turbine import aot
 
     from punet.compile import iree_compile
-    from punet.compile.targets import compile_flags, get_target, matmul_tile_flags, packed_flags
+    from punet.compile.targets import compile_flags, get_target, matmul_tile_flags, packed_flags, packed_ukernel_flags
     from punet.runtime import device_buffer, host_tensor
 
     torch.set_num_threads(a.threads)
@@ -143,6 +144,7 @@ def main() -> None:
     # The UNet module's smallest feature map at --size (the 1280-wide level's tokens) sets its matmul tile budget.
     base = matmul_tile_flags(packed_flags(compile_flags(get_target("cpu"), tuned=True, dtype=a.dtype), True),
                              dtype=a.dtype, rows=1, min_tokens=SHAPES["q/k/v/out 1280"][0][level])
+    base = packed_ukernel_flags(base, "cpu", dtype=a.dtype, quant="")  # as `punet compile` orders them
     variants = {"packed": []} | parse_variants(a.variant)
     a4 = torch.randn(4096, 4096)
     peak = 2 * 4096**3 / timed(lambda: a4 @ a4, 3) / 1e9

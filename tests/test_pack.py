@@ -14,7 +14,7 @@ import torch
 
 from punet.builtin import write_checkpoint
 from punet.compile import compile_vmfb
-from punet.compile.targets import PACKED_ADDED, PACKED_DROPPED
+from punet.compile.targets import PACKED_ADDED, PACKED_DROPPED, PACKED_F32_UKERNELS
 from punet.eager import call_model
 from punet.errors import PunetError, UsageError
 from punet.export import export_mlir
@@ -69,6 +69,9 @@ def test_packed_archive_records_its_module_and_source(packed):
     assert info["packed"]["encoder"] == packed["vmfb"].stem + ".encoder.vmfb"
     assert not set(PACKED_DROPPED) & set(info["flags"])  # packed builds keep the projections on the microkernels
     assert set(PACKED_ADDED) <= set(info["flags"]) and IM2COL not in info["flags"]  # fp32: data-tiled convolutions
+    # fp32: the convolutions' microkernel alone, once; the matmuls go through the code generator (the
+    # module above matches eager with them)
+    assert [f for f in info["flags"] if f.startswith("--iree-llvmcpu-enable-ukernels=")] == [PACKED_F32_UKERNELS]
     assert not list(packed["root"].glob("*.tmp")) and not list(packed["mlir"].parent.glob("*.encoder.*.mlir"))
 
 

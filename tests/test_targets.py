@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import punet.model.layers as layers
-from punet.compile.targets import TARGETS, Target, compile_flags, get_target, matmul_tile_flags
+from punet.compile.targets import (
+    TARGETS,
+    Target,
+    compile_flags,
+    get_target,
+    matmul_tile_flags,
+    packed_flags,
+    packed_ukernel_flags,
+)
 from punet.config import UNetConfig
 from punet.signature import Signature, deepest_latent
 
@@ -244,6 +252,29 @@ def test_table_shape() -> None:
     for required in ("cpu", "cpu-avx2", "cpu-generic", "gfx942", "gfx950", "gfx1100", "gfx1201", "vulkan", "vulkan-rdna3",
                      "vulkan-ampere", "sm_80", "sm_86", "sm_89", "hopper"):
         assert required in TARGETS
+
+
+def test_packed_ukernels() -> None:
+    """A packed fp32 build of cpu / cpu-avx2 (data-tiled convolutions) names the convolution microkernel
+    alone, so that its matmuls go through IREE's code generator (1.04-1.09x faster, bit-identical,
+    docs/cpu-tuning.md); every other build keeps the set's `all`."""
+    uk = "--iree-llvmcpu-enable-ukernels="
+
+    def build(name, dtype="float32", packed=True, quant=""):
+        flags = packed_flags(compile_flags(get_target(name), tuned=True, dtype=dtype), packed)
+        return flags, packed_ukernel_flags(flags, name, dtype=dtype, quant=quant)
+
+    for name in ("cpu", "cpu-avx2"):
+        before, after = build(name)
+        assert [f for f in after if f.startswith(uk)] == [f"{uk}conv_nchwc"], name
+        assert [f for f in after if not f.startswith(uk)] == [f for f in before if not f.startswith(uk)], name
+    for kw in (dict(name="cpu-generic"),  # not measured
+               dict(name="cpu", dtype="bfloat16"),  # im2col: no data-tiled convolutions
+               dict(name="cpu", dtype="float16"),
+               dict(name="cpu", packed=False),  # weights repacked at load: convolutions not data-tiled
+               dict(name="cpu", quant="int8")):  # the int8 matmuls' microkernels
+        before, after = build(**kw)
+        assert after == before and f"{uk}all" in after, kw
 
 
 def test_matmul_tile_budget() -> None:

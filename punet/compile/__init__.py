@@ -45,6 +45,7 @@ from .targets import (
     matmul_tile_flags,
     multi_device_flags,
     packed_flags,
+    packed_ukernel_flags,
     quantized_flags,
 )
 
@@ -256,7 +257,8 @@ def compile_vmfb(
         h, w = deepest_latent(config, sig)
         flags = matmul_tile_flags(flags, dtype=sig.dtype, rows=sig.rows, min_tokens=h * w)
     flags = quantized_flags(t, flags, sig.quant)
-    flags = multi_device_flags(packed_flags(flags, pack_weights), sig.devices)
+    flags = packed_ukernel_flags(packed_flags(flags, pack_weights), t.name, dtype=sig.dtype, quant=sig.quant)
+    flags = multi_device_flags(flags, sig.devices)
     flags += list(extra_flags)
     encoder = encoder_path(output) if pack_weights else None
     if encoder:

@@ -683,6 +683,30 @@ def matmul_tile_flags(flags: list[str], *, dtype: str, rows: int, min_tokens: in
     return [budget if f.startswith(_TILE_BYTES) else f for f in flags]
 
 
+# The microkernels of a packed fp32 build. IREE 3.13 lowers its data-tiled convolutions onto their own
+# microkernel (`conv_nchwc`, AVX-512: iree-org/iree#24729; the code generator has no path for them,
+# iree-org/iree#24710), and its data-tiled matmuls either onto the mmt4d microkernel (`all`) or through
+# its code generator. Naming the convolution kernel alone keeps the one and takes the other: full-size
+# fp32 SDXL on a Zen 4, one process per build, alternating, outputs bit-identical (docs/cpu-tuning.md,
+# eleventh session): 256x256 2.21 / 2.28 / 2.22 / 2.19 s vs 2.35 / 2.49 / 2.30 / 2.41 s with `all`;
+# 512x512 9.05 / 8.74 s vs 9.14 / 9.51 s; the 256x256 CFG step level (4.51 / 4.49 / 4.35 s vs 4.51 / 4.39 /
+# 4.42 s); `cpu-avx2` at 256x256 (no data-tiled convolutions there, so no microkernel at all) 4.21 / 4.25 /
+# 4.37 s vs 4.38 / 4.77 / 4.86 s. `none` instead runs the convolutions 27-64x slower. Measured on the
+# targets listed; not bf16 (im2col, no convolutions left), fp16 or quantized modules.
+_UKERNELS = "--iree-llvmcpu-enable-ukernels="
+PACKED_F32_UKERNELS = f"{_UKERNELS}conv_nchwc"
+PACKED_F32_UKERNEL_TARGETS = ("cpu", "cpu-avx2")
+
+
+def packed_ukernel_flags(flags: list[str], target: str, *, dtype: str, quant: str) -> list[str]:
+    """`flags` of a packed build (`packed_flags`) with the microkernels of a packed fp32 module of `target`
+    (PACKED_F32_UKERNELS) where its convolutions are data-tiled; unchanged elsewhere."""
+    if (target not in PACKED_F32_UKERNEL_TARGETS or dtype != "float32" or quant
+            or f"{_DT_OPS}convolution" not in flags):
+        return list(flags)
+    return [PACKED_F32_UKERNELS if f.startswith(_UKERNELS) else f for f in flags]
+
+
 def packed_flags(flags: list[str], packed: bool) -> list[str]:
     """`flags` for a module that reads packed weights (`punet pack`), or unchanged."""
     if not packed:
