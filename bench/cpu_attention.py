@@ -62,11 +62,12 @@ def main() -> None:
 
     import punet.model.layers as layers
     from punet.compile import iree_compile
-    from punet.compile.targets import compile_flags, get_target, packed_flags, packed_ukernel_flags
+    from punet.compile.targets import get_target, module_flags
 
     torch.set_num_threads(a.threads)
-    flags = packed_ukernel_flags(packed_flags(compile_flags(get_target("cpu"), tuned=True), True), "cpu",
-                                 dtype="float32", quant="")
+    # As `punet compile --pack-weights` builds the fp32 UNet module at --size (SDXL's smallest feature map:
+    # size / 32 on a side).
+    flags = module_flags(get_target("cpu"), tuned=True, min_tokens=(a.size // 32) ** 2, packed=True)
     budget = layers.SCORES_PER_SLICE
     print(f"{cpu_line()}; {a.threads} threads; fp32; {a.size}x{a.size}; SCORES_PER_SLICE {budget}", flush=True)
     print(f"{'shape':11} {'heads x N x M':>16} {'runner':16} {'slices':>6} {'ms':>8} {'GFLOP/s':>8}")

@@ -134,17 +134,17 @@ def main() -> None:
     from iree.turbine import aot
 
     from punet.compile import iree_compile
-    from punet.compile.targets import compile_flags, get_target, matmul_tile_flags, packed_flags, packed_ukernel_flags
+    from punet.compile.targets import get_target, module_flags
     from punet.runtime import device_buffer, host_tensor
 
     torch.set_num_threads(a.threads)
     bf16 = a.dtype == "bfloat16"
     dtype = getattr(torch, a.dtype)
     level = 0 if a.size == 256 else 1  # which of SHAPES' token counts
-    # The UNet module's smallest feature map at --size (the 1280-wide level's tokens) sets its matmul tile budget.
-    base = matmul_tile_flags(packed_flags(compile_flags(get_target("cpu"), tuned=True, dtype=a.dtype), True),
-                             dtype=a.dtype, rows=1, min_tokens=SHAPES["q/k/v/out 1280"][0][level])
-    base = packed_ukernel_flags(base, "cpu", dtype=a.dtype, quant="")  # as `punet compile` orders them
+    # As `punet compile --pack-weights` builds the UNet module at --size: its smallest feature map (the
+    # 1280-wide level's tokens) sets the matmul tile budget.
+    base = module_flags(get_target("cpu"), tuned=True, dtype=a.dtype, min_tokens=SHAPES["q/k/v/out 1280"][0][level],
+                        packed=True)
     variants = {"packed": []} | parse_variants(a.variant)
     a4 = torch.randn(4096, 4096)
     peak = 2 * 4096**3 / timed(lambda: a4 @ a4, 3) / 1e9

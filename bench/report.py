@@ -44,6 +44,29 @@ def fp32_flop_per_cycle(cpuinfo: str | None = None) -> tuple[int, str]:
     return 16, "SSE: 2 units x 4 lanes x 2"
 
 
+def cpu_id(cpuinfo: str | None = None) -> str | None:
+    """The CPU's vendor family and model from /proc/cpuinfo ("family 26, model 2": AMD Zen 5), which tell
+    apart machines that share a model name ("AMD EPYC": Zen 3, Zen 4 and Zen 5 here); None if absent."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, val = line.partition(":")
+        fields.setdefault(key.strip(), val.strip())
+    if "cpu family" not in fields or "model" not in fields:
+        return None
+    return f"family {fields['cpu family']}, model {fields['model']}"
+
+
+def cpu_label(host: dict, bold: bool = False) -> str:
+    """The suite host's CPU as the report names it: model name, then family and model where recorded."""
+    name = f"**{host['cpu']}**" if bold else host["cpu"]
+    return name + (f" ({host['cpu_id']})" if host.get("cpu_id") else "")
+
+
 def cpu_ghz() -> float | None:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -191,7 +214,7 @@ def render(results: dict, chart: Path | None = None) -> str:
         f"Generated {host['date']} by `{results.get('command', 'python bench/suite.py')}`. "
         "This section is rewritten by each run; the rest of this file is not.",
         "",
-        f"- CPU: **{host['cpu']}**, {host['cores']} cores; ISA flags: {isa}.",
+        f"- CPU: {cpu_label(host, bold=True)}, {host['cores']} cores; ISA flags: {isa}.",
         f"- Threads: {threads} for every runner (torch, IREE, OpenVINO); {', '.join(versions)}.",
         f"- Model: `{config}` with random weights"
         + (f" ({params:,} parameters)" if params else "")
@@ -344,7 +367,7 @@ def _chart(results: dict, path: Path) -> Path | None:
     kinds = [k for k in KIND_LABEL if any(r["kind"] == k for r in table)]
     fig.legend(handles=[Patch(color=KIND_COLOR[k], label=KIND_LABEL[k]) for k in kinds],
                loc="upper right", fontsize=8, ncol=len(kinds))
-    fig.suptitle(f"UNet, batch 1, {results['host']['cpu']}", fontsize=10, x=0.01, ha="left")
+    fig.suptitle(f"UNet, batch 1, {cpu_label(results['host'])}", fontsize=10, x=0.01, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=100)
     plt.close(fig)

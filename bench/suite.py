@@ -301,6 +301,7 @@ def host() -> dict:
         ov_version = None
     return {
         "cpu": cpu,
+        "cpu_id": report.cpu_id(),
         "cores": os.cpu_count(),
         "flags": {name: flag in flags for name, flag in ISA_FLAGS.items()},
         "avx512_bf16": "avx512_bf16" in flags,

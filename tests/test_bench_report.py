@@ -42,7 +42,7 @@ def fake_results() -> dict:
     # 128: OpenVINO bf16 timed alone, with an eager fp32 process of its own.
     timings += [timing(128, {"eager float32": 10.0}), timing(128, {"openvino bfloat16": 2.5})]
     return {
-        "host": {"cpu": "Fake CPU 9000", "cores": 2, "flags": {f: f != "amx" for f in report.ISA_FLAGS},
+        "host": {"cpu": "Fake CPU 9000", "cpu_id": "family 26, model 2", "cores": 2, "flags": {f: f != "amx" for f in report.ISA_FLAGS},
                  "avx512_bf16": True, "amx": False, "ghz": 2.0, "fp32_flop_per_cycle": 64, "torch": "2.x",
                  "iree_compiler": "IREE 3.x", "openvino": "2026.x", "python": "3.11", "date": "2026-01-01"},
         "threads": 2,
@@ -77,7 +77,8 @@ def test_section_replaces_itself_and_keeps_hand_text(tmp_path, chart):
     assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
     assert "Hand-written figures: 7.56 s." in text and text.rstrip().endswith("by hand")
     section = text[text.index(report.BEGIN):text.index(report.END)]
-    assert "Fake CPU 9000" in section and "avx512_bf16 yes" in section and "amx no" in section
+    assert "Fake CPU 9000** (family 26, model 2), 2 cores" in section
+    assert "avx512_bf16 yes" in section and "amx no" in section
     for size, runs in MEDIANS.items():
         assert table_row(section, size, "torch eager fp32")[5] == "1.00x"
         for name, (base, median) in runs.items():
@@ -206,3 +207,13 @@ def test_flop_per_cycle_follows_the_cpu(vendor, family, flags, expected):
     fraction. Reference: the vendors' pipe widths (AMD's Zen 4 / Zen 5 optimisation guides)."""
     text = f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nflags\t\t: {flags}\n"
     assert report.fp32_flop_per_cycle(text)[0] == expected
+
+
+def test_cpu_id_tells_machines_of_one_name_apart():
+    """The suite's CPU line names family and model: "AMD EPYC" was a Zen 3, a Zen 4 and a Zen 5 here.
+    Catches "model name" read for "model", a later processor's fields read over the first's, or an id
+    made up where the fields are missing."""
+    text = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+    assert report.cpu_id(text) == "family 26, model 2"
+    assert report.cpu_id(text + "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\n") == "family 26, model 2"
+    assert report.cpu_id("processor\t: 0\nmodel name\t: Some ARM\n") is None

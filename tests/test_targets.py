@@ -26,6 +26,7 @@ from punet.compile.targets import (
     compile_flags,
     get_target,
     matmul_tile_flags,
+    module_flags,
     packed_flags,
     packed_ukernel_flags,
 )
@@ -256,8 +257,8 @@ def test_table_shape() -> None:
 
 def test_packed_ukernels() -> None:
     """A packed fp32 build of cpu / cpu-avx2 (data-tiled convolutions) names the convolution microkernel
-    alone, so that its matmuls go through IREE's code generator (1.04-1.09x faster, bit-identical,
-    docs/cpu-tuning.md); every other build keeps the set's `all`."""
+    alone, so that its matmuls go through IREE's code generator (on a Zen 4: 1.04-1.10x faster at 256x256,
+    1.01-1.09x at 512x512, bit-identical; docs/cpu-tuning.md); every other build keeps the set's `all`."""
     uk = "--iree-llvmcpu-enable-ukernels="
 
     def build(name, dtype="float32", packed=True, quant=""):
@@ -305,6 +306,45 @@ def test_matmul_tile_budget() -> None:
     sdxl = UNetConfig.from_json(Path(__file__).parent / "data" / "configs" / "sdxl-base-1.0-unet.json")
     assert deepest_latent(sdxl, Signature(1, 256, 256)) == (8, 8)
     assert deepest_latent(sdxl, Signature(1, 512, 512)) == (16, 16)
+
+
+def test_module_flags() -> None:
+    """`module_flags`, which `punet compile` and the CPU benches share, applies every rule, in order: the
+    tile budget (float only), quantized, packed + its microkernels (which need the packed set's
+    data-tiled convolutions first), devices. Catches a rule dropped, applied to the wrong module, or
+    applied before the rule it depends on."""
+    cpu = get_target("cpu")
+    budget, uk = "--iree-llvmcpu-matmul-tile-bytes=", "--iree-llvmcpu-enable-ukernels="
+    conv = "--iree-dispatch-creation-experimental-set-data-tiling-ops=convolution"
+    transposes, im2col = "--iree-opt-aggressively-propagate-transposes", "--iree-global-opt-use-im2col-for-convs"
+
+    def picked(flags, prefix):
+        return [f for f in flags if f.startswith(prefix)]
+
+    # fp32 256x256 packed (smallest map 8x8 = 64 tokens): 1 MiB, data-tiled convolutions on their microkernel
+    f = module_flags(cpu, tuned=True, min_tokens=64, packed=True)
+    assert picked(f, budget) == [f"{budget}1048576"] and picked(f, uk) == [f"{uk}conv_nchwc"]
+    assert conv in f and transposes not in f
+    # the same unpacked: weights used in place, so transposes propagate and every microkernel stays
+    f = module_flags(cpu, tuned=True, min_tokens=64)
+    assert picked(f, uk) == [f"{uk}all"] and transposes in f and conv not in f
+    # 512x512 (16x16 = 256 tokens) and an unknown map keep the set's 2 MiB
+    for tokens in (256, None):
+        assert picked(module_flags(cpu, tuned=True, min_tokens=tokens, packed=True), budget) == [f"{budget}2097152"]
+    # int8 at 64 tokens: no float tile budget, the quantized flags, the int8 microkernels kept
+    f = module_flags(cpu, tuned=True, min_tokens=64, quant="int8", packed=True)
+    assert picked(f, budget) == [f"{budget}2097152"] and picked(f, uk) == [f"{uk}all"]
+    assert transposes not in f and all(q in f for q in cpu.quant_flags)
+    # a bf16 CFG step: im2col only where its convolutions take one row at a time
+    assert im2col in module_flags(cpu, tuned=True, dtype="bfloat16", rows=2, conv_rows=1)
+    assert im2col not in module_flags(cpu, tuned=True, dtype="bfloat16", rows=2)
+    # two devices: one device flag each, no data tiling
+    f = module_flags(cpu, tuned=True, devices=2)
+    assert picked(f, "--iree-hal-target-device=") == [
+        "--iree-hal-target-device=local[0]", "--iree-hal-target-device=local[1]"]
+    assert "--iree-opt-data-tiling" not in f
+    # plain flags take no rule but the packed one
+    assert module_flags(cpu, tuned=False, min_tokens=64) == compile_flags(cpu, tuned=False)
 
 
 def test_unknown_target_raises() -> None:

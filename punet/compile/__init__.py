@@ -40,13 +40,8 @@ from .targets import (
     MULTI_DEVICE_DROPPED,
     TARGETS,
     Target,
-    compile_flags,
     get_target,
-    matmul_tile_flags,
-    multi_device_flags,
-    packed_flags,
-    packed_ukernel_flags,
-    quantized_flags,
+    module_flags,
 )
 
 __all__ = [
@@ -251,14 +246,10 @@ def compile_vmfb(
     if plan.note and progress:
         progress(plan.note)
     # A module that writes its convolutions by rows (punet.export.conv_rows) has one-row convolutions.
-    rows = 1 if signature.get("conv_rows") else sig.rows
-    flags = compile_flags(t, tuned=plan.tuned, dtype=sig.dtype, rows=rows)
-    if not sig.quant:
-        h, w = deepest_latent(config, sig)
-        flags = matmul_tile_flags(flags, dtype=sig.dtype, rows=sig.rows, min_tokens=h * w)
-    flags = quantized_flags(t, flags, sig.quant)
-    flags = packed_ukernel_flags(packed_flags(flags, pack_weights), t.name, dtype=sig.dtype, quant=sig.quant)
-    flags = multi_device_flags(flags, sig.devices)
+    h, w = deepest_latent(config, sig)
+    flags = module_flags(t, tuned=plan.tuned, dtype=sig.dtype, rows=sig.rows,
+                         conv_rows=1 if signature.get("conv_rows") else sig.rows, min_tokens=h * w,
+                         quant=sig.quant, packed=pack_weights, devices=sig.devices)
     flags += list(extra_flags)
     encoder = encoder_path(output) if pack_weights else None
     if encoder:

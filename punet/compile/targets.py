@@ -715,6 +715,32 @@ def packed_flags(flags: list[str], packed: bool) -> list[str]:
     return [f for f in flags if f not in PACKED_DROPPED] + added
 
 
+def module_flags(
+    target: Target,
+    *,
+    tuned: bool,
+    dtype: str = "float32",
+    rows: int = 1,
+    conv_rows: int | None = None,
+    min_tokens: int | None = None,
+    quant: str = "",
+    packed: bool = False,
+    devices: int = 1,
+) -> list[str]:
+    """The iree-compile flags of one module for `target`, every rule applied in the order `punet compile`
+    applies them: the set (`compile_flags`, for convolutions of `conv_rows` batch rows, default `rows`),
+    the matmul tile budget of a float module of `rows` UNet rows whose smallest feature map has
+    `min_tokens` tokens (None: not known, the set's budget), `quant`ized weights, `packed` weights and
+    their microkernels, then `devices`. The benches that time one operation as `punet compile` builds it
+    take their flags from here too, so that the two cannot drift."""
+    flags = compile_flags(target, tuned=tuned, dtype=dtype, rows=rows if conv_rows is None else conv_rows)
+    if not quant and min_tokens is not None:
+        flags = matmul_tile_flags(flags, dtype=dtype, rows=rows, min_tokens=min_tokens)
+    flags = quantized_flags(target, flags, quant)
+    flags = packed_ukernel_flags(packed_flags(flags, packed), target.name, dtype=dtype, quant=quant)
+    return multi_device_flags(flags, devices)
+
+
 def quantized_flags(target: Target, flags: list[str], quant: str) -> list[str]:
     """`flags` of `target` for a module with `quant`ized weights ("" = float: unchanged)."""
     if not quant:
