@@ -22,9 +22,8 @@ OV_PRECISION = {"float32": "f32", "bfloat16": "bf16"}
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx")
 
 
-def fp32_flop_per_cycle(cpuinfo: str | None = None) -> tuple[int, str]:
-    """Peak fp32 FLOP per cycle per core, and why: 2 FMA pipes x fp32 lanes x 2. AVX-512 has 16 lanes,
-    except on AMD Zen 4 (family 25), which runs 512-bit FMAs on its two 256-bit pipes (8 lanes each)."""
+def cpuinfo_fields(cpuinfo: str | None = None) -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (or of `cpuinfo`'s text); {} where it cannot be read."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -34,6 +33,13 @@ def fp32_flop_per_cycle(cpuinfo: str | None = None) -> tuple[int, str]:
     for line in cpuinfo.splitlines():
         key, _, val = line.partition(":")
         fields.setdefault(key.strip(), val.strip())
+    return fields
+
+
+def fp32_flop_per_cycle(cpuinfo: str | None = None) -> tuple[int, str]:
+    """Peak fp32 FLOP per cycle per core, and why: 2 FMA pipes x fp32 lanes x 2. AVX-512 has 16 lanes,
+    except on AMD Zen 4 (family 25), which runs 512-bit FMAs on its two 256-bit pipes (8 lanes each)."""
+    fields = cpuinfo_fields(cpuinfo)
     flags = set(fields.get("flags", "").split())
     if "avx512f" in flags:
         if fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25":
@@ -47,15 +53,7 @@ def fp32_flop_per_cycle(cpuinfo: str | None = None) -> tuple[int, str]:
 def cpu_id(cpuinfo: str | None = None) -> str | None:
     """The CPU's vendor family and model from /proc/cpuinfo ("family 26, model 2": AMD Zen 5), which tell
     apart machines that share a model name ("AMD EPYC": Zen 3, Zen 4 and Zen 5 here); None if absent."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        key, _, val = line.partition(":")
-        fields.setdefault(key.strip(), val.strip())
+    fields = cpuinfo_fields(cpuinfo)
     if "cpu family" not in fields or "model" not in fields:
         return None
     return f"family {fields['cpu family']}, model {fields['model']}"

@@ -284,13 +284,9 @@ def host() -> dict:
 
     report = bench_module("report")
 
-    cpu = platform.machine()
-    flags: set[str] = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            flags = set(line.split(":", 1)[1].split())
+    fields = report.cpuinfo_fields()
+    cpu = fields.get("model name", platform.machine())
+    flags = set(fields.get("flags", "").split())
     from punet.compile import compiler_version
 
     try:
