@@ -40,13 +40,14 @@ from .targets import (
     MULTI_DEVICE_DROPPED,
     TARGETS,
     Target,
+    compile_flags,
     get_target,
     module_flags,
 )
 
 __all__ = [
-    "CompilePlan", "CompileResult", "TARGETS", "Target", "compile_vmfb", "compiler_version", "get_target", "iree_compile",
-    "plan_compile",
+    "CompilePlan", "CompileResult", "TARGETS", "Target", "compile_flags", "compile_vmfb", "compiler_version", "get_target",
+    "iree_compile", "module_flags", "plan_compile",
 ]
 
 
