@@ -65,9 +65,10 @@ def main() -> None:
     from punet.compile.targets import get_target, module_flags
 
     torch.set_num_threads(a.threads)
-    # As `punet compile --pack-weights` builds the fp32 UNet module at --size (SDXL's smallest feature map:
-    # size / 32 on a side).
-    flags = module_flags(get_target("cpu"), tuned=True, min_tokens=(a.size // 32) ** 2, packed=True)
+    # As `punet compile --pack-weights` builds the fp32 UNet module at --size: its smallest feature map (the
+    # 1280-wide level's tokens) sets the matmul tile budget.
+    min_tokens = SHAPES["self 1280"][1][SIZES.index(a.size)]
+    flags = module_flags(get_target("cpu"), tuned=True, min_tokens=min_tokens, packed=True)
     budget = layers.SCORES_PER_SLICE
     print(f"{cpu_line()}; {a.threads} threads; fp32; {a.size}x{a.size}; SCORES_PER_SLICE {budget}", flush=True)
     print(f"{'shape':11} {'heads x N x M':>16} {'runner':16} {'slices':>6} {'ms':>8} {'GFLOP/s':>8}")

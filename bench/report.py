@@ -66,13 +66,8 @@ def cpu_label(host: dict, bold: bool = False) -> str:
 
 
 def cpu_ghz() -> float | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                return float(line.split(":")[1]) / 1000
-    except OSError:
-        pass
-    return None
+    mhz = cpuinfo_fields().get("cpu MHz")
+    return float(mhz) / 1000 if mhz else None
 
 
 def label(name: str) -> str:
