@@ -15,8 +15,10 @@ Phases, in order:
             on AMD CPUs); the datasheet-style peak (GHz x FLOP/cycle x threads) is printed beside it.
   flops     FLOPs per kind from torch.utils.flop_counter's formulas on the meta device (attention
             decomposed, so QK^T and PV are counted apart); floor seconds = FLOPs / measured rate.
-  iree      the .vmfb under IREE's host-execution profiling (iree-benchmark-module, `--iree-calls`
-            calls, the last one kept; iree-run-module makes one call per process, so it has no warm-up),
+  iree      the .vmfb's calls in punet's runtime under `perf record` (`--iree-profiler perf`, the default
+            where perf is installed: CPU-clock samples named by the module's embedded code, which costs the
+            call next to nothing), or under IREE's host-execution profiling (iree-benchmark-module, which
+            slows the call: 1.46 vs 1.31 s per 256x256 call on the Zen 5); either way
             dispatches grouped by kind from their names, refined with the module's flow-level IR
             (iree-compile --compile-to=flow of the exported .mlir beside the .vmfb) for what the
             names do not tell: conv stride, a 1x1 conv lowered to a matmul, attention QK^T vs PV,
@@ -24,7 +26,9 @@ Phases, in order:
             overlapped, so the kinds add up to the call.
   torch     torch.profiler over one eager call of punet's model (after a warm-up), aten ops grouped by
             the module that ran them (forward hooks mark module scopes).
-  openvino  ov.convert_model of the same model, compiled for CPU with per-node performance counters.
+  openvino  the suite's saved IR (`--ov-xml`) or ov.convert_model of the same model, compiled for CPU with
+            per-node performance counters (which cost nothing once warm: 1.12-1.28 s per 256x256 call
+            with them, 1.10-1.56 s without, on the Zen 5), two warm-ups, `--ov-calls` calls averaged.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -450,6 +455,37 @@ def name_kind(key: str, groups: int | None = None) -> tuple[str, str]:
     return K_UNCL, "unknown"
 
 
+_CONV_SHAPE = re.compile(r"conv(?:_2d)?[a-z_]*?_(\d+)x(\d+)x(\d+)x(\d+)x(\d+)x(\d+)_")
+
+
+def conv_shape_from_name(key: str) -> str | None:
+    """'out x H x W <- in, kh x kw' of a batch-1 IREE conv dispatch (named conv_<out>x<H>x<W>x<in>x<kh>x<kw>, the
+    output map's size), the key OpenVINO's convolutions are matched on; None for other names."""
+    m = _CONV_SHAPE.search(dispatch_op(key) + "_")
+    if not m:
+        return None
+    o, h, w, i, kh, kw = m.groups()
+    return conv_shape_key(int(o), int(h), int(w), int(i), int(kh), int(kw))
+
+
+def conv_shape_key(out_ch: int, h: int, w: int, in_ch: int, kh: int, kw: int) -> str:
+    return f"{out_ch} x {h}x{w} <- {in_ch}, {kh}x{kw}"
+
+
+_MM_SHAPE = re.compile(r"(?:^|_)(?:batch_)?matmul_(?:1x)?(\d+)x(\d+)x(\d+)_")
+
+
+def mm_shape_from_name(key: str) -> str | None:
+    """'tokens x out <- in' of an IREE projection dispatch (named [batch_]matmul_[1x]<M>x<N>x<K>), the key
+    OpenVINO's FullyConnected nodes are matched on; None for other names."""
+    m = _MM_SHAPE.search("_" + dispatch_op(key) + "_")
+    return mm_shape_key(*(int(v) for v in m.groups())) if m else None
+
+
+def mm_shape_key(tokens: int, out_features: int, in_features: int) -> str:
+    return f"{tokens} x {out_features} <- {in_features}"
+
+
 def conv_kernel_from_name(key: str) -> tuple[int, int] | None:
     m = re.match(r"conv(?:_2d)?[a-z_]*?_((?:\d+x)+\d+)_", dispatch_op(key))
     if not m:
@@ -645,8 +681,10 @@ def flow_map(a: dict, info: dict, work: Path) -> tuple[dict | None, str]:
         from iree.compiler.tools import binaries
 
         tool = binaries.find_tool("iree-compile")
-    out = work / "flow.mlir"
+    out = work / f"flow-{sha256_file(mlir)[:12]}.mlir"
     cmd = [tool, str(mlir), "-o", str(out), *info["flags"], "--compile-to=flow"]
+    if out.is_file():  # an earlier round's
+        return parse_flow_ir(out.read_text()), f"{mlir.name} compiled to flow with the build record's flags"
     say(f"flow-level IR: {' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}")
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -678,6 +716,223 @@ def attribute_overlap(intervals: list[tuple[int, int]]) -> list[int]:
     return [round(x) for x in share]
 
 
+# ---- IREE under perf: sampled, at the cost of an unprofiled call -------------------------------------
+
+
+def vmfb_elfs(data: bytes) -> list[bytes]:
+    """The ELF images a llvm-cpu .vmfb embeds (its executables' code), each cut at its section headers' end."""
+    import struct
+
+    out, i = [], 0
+    while (i := data.find(b"\x7fELF\x02\x01", i)) >= 0:
+        shoff, = struct.unpack_from("<Q", data, i + 0x28)
+        shentsize, shnum = struct.unpack_from("<HH", data, i + 0x3A)
+        end = i + shoff + shentsize * shnum
+        if shoff == 0 or end > len(data):
+            i += 4
+            continue
+        out.append(data[i:end])
+        i = end
+    return out
+
+
+def elf_exec_span(elf: bytes) -> tuple[int, int]:
+    """(start, end) of an ELF's executable PT_LOAD segment, widened to whole 4 KiB pages: the part of the
+    image a loader maps r-x, as /proc/<pid>/maps shows it."""
+    import struct
+
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for k in range(phnum):
+        p_type, p_flags, _, p_vaddr, _, _, p_memsz = struct.unpack_from("<IIQQQQQ", elf, phoff + k * phentsize)
+        if p_type == 1 and p_flags & 1:  # PT_LOAD, PF_X
+            return p_vaddr & ~0xFFF, (p_vaddr + p_memsz + 0xFFF) & ~0xFFF
+    raise ValueError("no executable PT_LOAD segment")
+
+
+def anonymous_exec_regions(maps: str) -> list[tuple[int, int]]:
+    """(start, end) of the anonymous r-x mappings in a /proc/<pid>/maps text: where IREE's embedded ELF
+    loader put dispatch code (it maps the image into memory it reserved itself, not from a file)."""
+    out = []
+    for line in maps.splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[1].startswith("r-x"):
+            lo, hi = (int(v, 16) for v in parts[0].split("-"))
+            out.append((lo, hi))
+    return out
+
+
+def parse_perf_samples(text: str) -> list[tuple[int, int, int]]:
+    """(tid, time ns, ip) per line of `perf script -F tid,time,ip --ns`."""
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"\s*(\d+)\s+(\d+)\.(\d{9}):\s+([0-9a-f]+)", line)
+        if m:
+            out.append((int(m.group(1)), int(m.group(2)) * 10**9 + int(m.group(3)), int(m.group(4), 16)))
+    return out
+
+
+def attribute_bins(samples: list[tuple[int, str]], start: int, end: int, bin_ns: int,
+                   idle: str) -> dict[str, float]:
+    """Wall nanoseconds of [start, end) per key from (time ns, key) samples of every thread: the span is cut
+    into bins of one sampling period, and each bin's time goes to the keys sampled in it, in proportion
+    (one thread busy and the other idle: the busy one's key takes the whole bin, as a node's wall time
+    does in OpenVINO's counters); bins with no sample go to `idle`. The keys add up to end - start."""
+    per_bin: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for t, key in samples:
+        if start <= t < end:
+            per_bin[(t - start) // bin_ns][key] += 1
+    out: dict[str, float] = defaultdict(float)
+    nbins = -(-(end - start) // bin_ns)
+    for b in range(nbins):
+        width = min(bin_ns, end - start - b * bin_ns)
+        keys = per_bin.get(b)
+        if not keys:
+            out[idle] += width
+            continue
+        n = sum(keys.values())
+        for key, c in keys.items():
+            out[key] += width * c / n
+    return dict(out)
+
+
+def symbolize(elf_path: Path, offsets: set[int]) -> dict[int, str]:
+    """Function name of each offset in the ELF, from its DWARF (IREE embeds it: one subprogram per dispatch)."""
+    offs = sorted(offsets)
+    r = subprocess.run(["addr2line", "-f", "-e", str(elf_path)], input="".join(f"{o:#x}\n" for o in offs),
+                       capture_output=True, text=True, check=True)
+    names = r.stdout.splitlines()[0::2]
+    return dict(zip(offs, names))
+
+
+K_HOST = "[runtime, host and kernel]"
+
+
+def iree_perf_phase(a: dict, config, sig, info: dict, flow: dict | None, flow_note: str, modules: dict,
+                    work: Path) -> dict:
+    """IREE calls in this process (punet's Session, as `punet run` and the suite load them) under `perf
+    record`'s CPU-clock sampling: every sample's code address names its dispatch function through the
+    module's embedded ELF, and time bins give each function its wall time."""
+    import signal
+
+    from punet.runtime import Session, set_threads
+    from punet.signature import make_inputs
+
+    perf = shutil.which("perf")
+    if not perf or not shutil.which("addr2line"):
+        raise SystemExit("--iree-profiler perf needs `perf` (Debian: linux-perf) and `addr2line` (binutils) on PATH")
+    elfs = vmfb_elfs(Path(a["vmfb"]).read_bytes())
+    if not elfs:
+        raise SystemExit(f"{a['vmfb']}: no embedded ELF (a llvm-cpu module compiled with --iree-llvmcpu-link-embedded)")
+    set_threads(a["threads"])
+    session = Session.load(a["vmfb"], a.get("packed") or a["irpa"])
+    args = session.to_device(make_inputs(config, sig, 0))
+    calls = a["iree_calls"]
+    for _ in range(2):  # warm-up: page-ins and first-call work stay out of the profile
+        session.to_torch(session.call(args))
+    unprofiled = []  # as many calls without perf, to show what perf costs
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        session.to_torch(session.call(args))
+        unprofiled.append(time.perf_counter() - t0)
+    regions = anonymous_exec_regions(Path("/proc/self/maps").read_text())
+    code = []  # (region start, region end, ELF file, span start)
+    for i, elf in enumerate(elfs):
+        lo, hi = elf_exec_span(elf)
+        match = [r for r in regions if r[1] - r[0] == hi - lo]
+        if len(match) != 1:
+            raise SystemExit(f"executable {i} of {a['vmfb']}: {len(match)} anonymous r-x mappings of its code's size "
+                             f"{hi - lo} bytes in /proc/self/maps (expected 1)")
+        path = work / f"executable{i}.so"
+        path.write_bytes(elf)
+        code.append((match[0][0], match[0][1], path, lo))
+    data = work / "iree.perf.data"
+    freq = a["perf_freq"]
+    cmd = [perf, "record", "-q", "-F", str(freq), "-k", "CLOCK_MONOTONIC", "-p", str(os.getpid()), "-o", str(data)]
+    rec = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # perf attaches to every thread before the first profiled call
+    if rec.poll() is not None:
+        raise SystemExit(f"perf record failed: {rec.stderr.read().strip()[-500:]}")
+    spans, steal = [], []
+    for _ in range(calls):
+        s0 = machine_busy_s(steal_only=True)
+        t0 = time.monotonic_ns()
+        session.to_torch(session.call(args))
+        spans.append((t0, time.monotonic_ns()))
+        steal.append(machine_busy_s(steal_only=True) - s0)
+    rec.send_signal(signal.SIGINT)
+    rec.wait()
+    script = subprocess.run([perf, "script", "-i", str(data), "-F", "tid,time,ip", "--ns"], capture_output=True,
+                            text=True, check=True).stdout
+    raw = parse_perf_samples(script)
+    offsets: dict[Path, set[int]] = defaultdict(set)
+    located = []
+    for tid, t, ip in raw:
+        for lo, hi, path, base in code:
+            if lo <= ip < hi:
+                located.append((tid, t, path, ip - lo + base))
+                offsets[path].add(ip - lo + base)
+                break
+        else:
+            located.append((tid, t, None, ip))
+    names = {path: symbolize(path, offs) for path, offs in offsets.items()}
+    keyed = [(t, names[path][off] if path else K_HOST) for _, t, path, off in located]
+    bin_ns = 10**9 // freq
+    per_fn_ns: dict[str, float] = defaultdict(float)
+    cpu_samples: dict[str, int] = defaultdict(int)
+    for start, end in spans:
+        for key, ns in attribute_bins(keyed, start, end, bin_ns, K_HOST).items():
+            per_fn_ns[key] += ns
+        for t, key in keyed:
+            if start <= t < end:
+                cpu_samples[key] += 1
+    groups = config.norm_num_groups
+    per_kind: dict[str, float] = defaultdict(float)
+    per_fn: dict[str, dict] = {}
+    for key, ns in per_fn_ns.items():
+        kind, how = (K_GAP, "not dispatch code") if key == K_HOST else classify_dispatch(key, flow, modules, groups)
+        s = ns / 1e9 / calls
+        per_kind[kind] += s
+        per_fn[key] = {"kind": kind, "how": how, "count": None, "s": s, "wall_s": s,
+                       "tile_s": cpu_samples[key] / freq / calls, "samples": cpu_samples[key]}
+    total = sum(e - s for s, e in spans) / 1e9 / calls
+    dispatch_s = sum(f["s"] for k, f in per_fn.items() if k != K_HOST)
+    conv_shapes: dict[str, float] = defaultdict(float)
+    mm_shapes: dict[str, float] = defaultdict(float)
+    for key, f in per_fn.items():
+        if f["kind"].startswith("conv ") and (shape := conv_shape_from_name(key)):
+            conv_shapes[shape] += f["s"]
+        elif f["kind"] == K_MM and (shape := mm_shape_from_name(key)):
+            mm_shapes[shape] += f["s"]
+    uncl = per_kind.get(K_UNCL, 0.0)
+    say(f"{calls} calls without perf: {', '.join(f'{t:.3f}' for t in unprofiled)} s; under perf: "
+        f"{', '.join(f'{(e - s) / 1e9:.3f}' for s, e in spans)} s; {len(raw)} samples, "
+        f"{sum(cpu_samples.values())} in the calls; dispatch code {dispatch_s:.3f} s of {total:.3f} s per call")
+    for k in kind_order(per_kind):
+        say(f"  {k:<40} {fmt_s(per_kind[k]):>9}")
+    return {
+        "profiler": "perf",
+        "total_s": total,
+        "per_kind": dict(per_kind),
+        "dispatch_sum_s": dispatch_s,
+        "dispatch_busy_s": dispatch_s,
+        "unclassified_share": uncl / dispatch_s if dispatch_s else 0.0,
+        "calls": [{"span_s": (e - s) / 1e9, "steal_s": st} for (s, e), st in zip(spans, steal)],
+        "unprofiled_calls_s": unprofiled,
+        "conv_shapes": dict(conv_shapes),
+        "mm_shapes": dict(mm_shapes),
+        "dispatches": None,
+        "functions": per_fn,
+        "classified_by": {},
+        "flow_ir": flow_note if flow is not None else f"none: {flow_note}",
+        "tool": {"command": [Path(cmd[0]).name, *cmd[1:-4], "-p", "<pid>"], "seconds": None,
+                 "samples": len(raw), "freq": freq},
+        "entry": info["entry"],
+        "flags": info["flags"],
+        "compiler": info.get("compiler_version"),
+    }
+
+
 def phase_iree(a: dict) -> dict:
     import torch
 
@@ -690,6 +945,8 @@ def phase_iree(a: dict) -> dict:
     flow, flow_note = flow_map(a, info, work)
     if flow is None:
         say(f"no flow-level IR ({flow_note}): conv strides and matmul roles stay unclassified")
+    if a.get("iree_profiler", "host-execution") == "perf":
+        return iree_perf_phase(a, config, sig, info, flow, flow_note, modules, work)
     inputs = write_inputs(config, sig, work)
     prof = work / "iree.ireeprof"
     calls = a["iree_calls"]
@@ -878,12 +1135,16 @@ def phase_torch(a: dict) -> dict:
 # ---- OpenVINO --------------------------------------------------------------------------------------
 
 
+_OV_WRAPPER = re.compile(r"^__module\.(model|m)\.")
+
+
 def ov_kind(node_name: str, node_type: str, modules: dict, attn_seen: dict) -> tuple[str, str | None]:
     """(kind, module path) of one executed OpenVINO node from its friendly name and type."""
     m = re.match(r"^__module\.([\w.]*?)/", node_name + "/")
     path = m.group(1) if m else None
-    if path is not None:  # the traced wrapper holds the UNet as `m`
-        path = "" if path == "m" else path.removeprefix("m.")
+    if path is not None:  # the traced wrapper holds the UNet as `m` (here) or `model` (bench/worker.py's IR)
+        wrapper = next((w for w in ("model", "m") if path == w or path.startswith(w + ".")), None)
+        path = path[len(wrapper) + 1:] if wrapper else path
     mod = modules.get(path) if path is not None else None
     t = node_type
     if t in ("Convolution", "GroupConvolution"):
@@ -939,7 +1200,13 @@ def phase_openvino(a: dict) -> dict:
     _, sig, _ = load_signature(a)
     # As in bench/suite.py: the float32 model converted, and the module's dtype asked of the CPU plugin.
     hint = OV_PRECISION.get(sig.dtype, "f32")
-    model, config = load_model(a["irpa"], dtype="float32")
+    if a.get("ov_xml"):
+        from punet.config import UNetConfig
+        from punet.weights import read_metadata
+
+        model, config = None, UNetConfig.from_dict(read_metadata(a["irpa"])["config"])
+    else:
+        model, config = load_model(a["irpa"], dtype="float32")
     x = make_inputs(config, replace(sig, dtype="float32"), 0)
     names = list(x)
 
@@ -951,12 +1218,22 @@ def phase_openvino(a: dict) -> dict:
         def forward(self, *args):
             return self.m(**dict(zip(names, args)))
 
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        ov_model = ov.convert_model(Positional(model), example_input=tuple(x.values()))
-    convert_s = time.perf_counter() - t0
-    say(f"convert_model {convert_s:.1f} s, peak RSS {peak_rss_gib():.1f} GiB")
-    modules = {n: m for n, m in model.named_modules()}
+    convert_s = None
+    if a.get("ov_xml"):  # the IR bench/suite.py saved: no torch model in memory beside OpenVINO's weights
+        t0 = time.perf_counter()
+        ov_model = ov.Core().read_model(a["ov_xml"])
+        say(f"read_model {a['ov_xml']}: {time.perf_counter() - t0:.1f} s")
+        with torch.device("meta"):
+            from punet.model import UNet2DConditionModel
+
+            modules = dict(UNet2DConditionModel(config).named_modules())
+    else:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            ov_model = ov.convert_model(Positional(model), example_input=tuple(x.values()))
+        convert_s = time.perf_counter() - t0
+        say(f"convert_model {convert_s:.1f} s, peak RSS {peak_rss_gib():.1f} GiB")
+        modules = {n: m for n, m in model.named_modules()}
     core = ov.Core()
     t0 = time.perf_counter()
     compiled = core.compile_model(ov_model, "CPU", {"PERF_COUNT": True, "INFERENCE_NUM_THREADS": a["threads"],
@@ -965,26 +1242,38 @@ def phase_openvino(a: dict) -> dict:
     del ov_model
     gc.collect()
     say(f"compile_model {compile_s:.1f} s, peak RSS {peak_rss_gib():.1f} GiB")
+    out_shapes = {}  # node -> its output's static shape, from the runtime graph (the profiled nodes' names)
+    for op in compiled.get_runtime_model().get_ops():
+        if op.get_output_size() and op.get_output_partial_shape(0).is_static:
+            out_shapes[op.get_friendly_name()] = list(op.get_output_shape(0))
     req = compiled.create_infer_request()
     if len(compiled.inputs) != len(x):
         raise SystemExit(f"OpenVINO model has {len(compiled.inputs)} inputs, the UNet {len(x)}")
     feed = [t.numpy() for t in x.values()]  # in argument order
-    t0 = time.perf_counter()
-    req.infer(feed)
-    warm = time.perf_counter() - t0
     # The CPU plugin reports each node's mean over every call of the compiled model so far (a new request
-    # does not reset it): the kept call's time is 2 x mean after it - mean after the warm-up.
-    before = {p.node_name: p.real_time.total_seconds() for p in req.get_profiling_info()}
-    t0 = time.perf_counter()
-    req.infer(feed)
-    wall = time.perf_counter() - t0
-    infos = req.get_profiling_info()
+    # does not reset it): call n's own time is n x the mean after it - (n - 1) x the mean before it.
+    warmups, calls = 2, a.get("ov_calls") or 1
+    walls, per_node, mean_before = [], defaultdict(float), {}
+    meta = {}
+    for n in range(1, warmups + calls + 1):
+        t0 = time.perf_counter()
+        req.infer(feed)
+        wall = time.perf_counter() - t0
+        infos = req.get_profiling_info()
+        mean_after = {p.node_name: p.real_time.total_seconds() for p in infos}
+        if n > warmups:
+            walls.append(wall)
+            for p in infos:
+                meta[p.node_name] = (p.node_type, p.exec_type, str(p.status))
+                per_node[p.node_name] += max(0.0, n * mean_after[p.node_name] - (n - 1) * mean_before.get(p.node_name, 0.0))
+        elif n == 1:
+            warm = wall
+        mean_before = mean_after
+    wall = sum(walls) / len(walls)
     per_kind: dict[str, float] = defaultdict(float)
     nodes = []
     attn_seen: dict[str, int] = {}
-    rows = [(p.node_name, p.node_type, p.exec_type, max(0.0, 2 * p.real_time.total_seconds() -
-                                                        before.get(p.node_name, 0.0)), str(p.status))
-            for p in infos]
+    rows = [(name, *meta[name][:2], per_node[name] / calls, meta[name][2]) for name in per_node]
     for i, (name, ntype, etype, real, status) in enumerate(rows):
         if "EXECUTED" not in status or "NOT_RUN" in status:
             continue
@@ -1003,13 +1292,32 @@ def phase_openvino(a: dict) -> dict:
                 if ntype == "MVN":
                     kind = K_UNCL
         per_kind[kind] += real
-        nodes.append({"name": name, "type": ntype, "exec": etype, "s": real, "kind": kind})
+        node = {"name": name, "type": ntype, "exec": etype, "s": real, "kind": kind}
+        mod = modules.get(path) if path is not None else None
+        shape = out_shapes.get(name)
+        if kind.startswith("conv ") and mod is not None and shape and len(shape) == 4 and shape[0] == 1:
+            node["conv_shape"] = conv_shape_key(mod.out_channels, shape[2], shape[3], mod.in_channels,
+                                                *mod.kernel_size)
+        elif kind == K_MM and hasattr(mod, "in_features") and shape and shape[-1] == mod.out_features:
+            node["mm_shape"] = mm_shape_key(math.prod(shape[:-1]), mod.out_features, mod.in_features)
+        nodes.append(node)
     summed = sum(n["s"] for n in nodes)
     per_kind[K_GAP] += max(0.0, wall - summed)
-    say(f"warm-up {warm:.3f} s, profiled call {wall:.3f} s, node times sum to {summed:.3f} s")
+    shapes: dict[str, dict[str, float]] = {"conv_shape": defaultdict(float), "mm_shape": defaultdict(float)}
+    counts: dict[str, dict[str, int]] = {"conv_shape": defaultdict(int), "mm_shape": defaultdict(int)}
+    for n in nodes:
+        for field in shapes:
+            if field in n:
+                shapes[field][n[field]] += n["s"]
+                counts[field][n[field]] += 1
+    say(f"warm-up {warm:.3f} s, profiled calls {', '.join(f'{w:.3f}' for w in walls)} s, node times sum to "
+        f"{summed:.3f} s per call")
     return {"total_s": wall, "per_kind": dict(per_kind), "warmup_s": warm, "convert_s": convert_s,
+            "calls_s": walls, "warmups": warmups, "ir": a.get("ov_xml"), "conv_shapes": dict(shapes["conv_shape"]),
+            "conv_counts": dict(counts["conv_shape"]), "mm_shapes": dict(shapes["mm_shape"]),
+            "mm_counts": dict(counts["mm_shape"]),
             "compile_s": compile_s, "precision_hint": hint, "node_sum_s": summed, "executed_nodes": len(nodes),
-            "top": sorted(nodes, key=lambda n: -n["s"])[:40], "peak_rss_gib": peak_rss_gib()}
+            "top": sorted(nodes, key=lambda n: -n["s"])[:40], "nodes": nodes, "peak_rss_gib": peak_rss_gib()}
 
 
 # ---- report ----------------------------------------------------------------------------------------------
@@ -1164,7 +1472,10 @@ def render(res: dict, a: dict) -> str:
              "*floor s* = GFLOP / measured sgemm rate, the time at matmul peak; per runner its seconds in the "
              "profiled call, the share of that call, and *% of peak* = floor / time (FLOP-bearing kinds only). "
              f"*{K_ATTN}*'s FLOPs are QK^T's plus PV's. *{K_GAP}* is the part of the call no op accounts for "
-             "(IREE: the call's span minus the union of its dispatches; torch: wall minus aten self time; "
+             + ("(IREE: time bins with no sample in dispatch code, and samples in the runtime, host code or kernel; "
+                if (res.get("iree") or {}).get("profiler") == "perf" else
+                "(IREE: the call's span minus the union of its dispatches; ")
+             + "torch: wall minus aten self time; "
              "OpenVINO: wall minus the sum of node times)."
              + ("" if sig.get("dtype", "float32") == "float32" else
                 f" The module is {sig['dtype']}, and *% of peak* is still against the fp32 sgemm rate: "
@@ -1172,7 +1483,19 @@ def render(res: dict, a: dict) -> str:
     L.append("")
     L.append("How each runner's ops become kinds, and what that hides:")
     L.append("")
-    if "iree" in res:
+    if "iree" in res and res["iree"].get("profiler") == "perf":
+        ir = res["iree"]
+        L.append(f"- IREE: `perf record` CPU-clock samples ({ir['tool']['freq']} per second per thread) over "
+                 f"{len(ir['calls'])} calls in punet's own runtime (`Session`, as `punet run` and the suite load the "
+                 "module), averaged per call. Each sample's code address names its dispatch function through the "
+                 "DWARF of the ELF the .vmfb embeds; kinds then come from the names and the flow-level IR "
+                 f"({ir['flow_ir']}) as for the host-execution profile. Time: the calls are cut into bins of one "
+                 "sampling period; a bin's wall time goes to the functions sampled in it, in proportion (one worker "
+                 "busy and the other idle: the busy one's function takes the bin, as a node's wall time does in "
+                 f"OpenVINO's counters); bins with no sample in dispatch code, and samples in the runtime, host "
+                 f"code or kernel, count as *{K_GAP}*. Unclassified: {100 * ir['unclassified_share']:.1f}% of "
+                 "dispatch time.")
+    elif "iree" in res:
         ir = res["iree"]
         L.append(f"- IREE: {ir['dispatches']} dispatches of {len(ir['functions'])} functions in the kept call. "
                  "Kinds come from the dispatch names (conv kernel, matmul, softmax, reduction, elementwise, "
@@ -1206,12 +1529,35 @@ def render(res: dict, a: dict) -> str:
     for g in GROUPS:
         L.append(f"| {g} |" + "".join(f" {fmt_s(gt[r][g])} |" for r in runners))
     L.append("")
+    if all("conv_shapes" in (res.get(r) or {}) for r in ("iree", "openvino")):
+        L += shape_table("Convolutions by shape (out channels x output map <- in channels, kernel), seconds per "
+                         "call; IREE's dispatch names give the shape, OpenVINO's nodes their module and output shape; "
+                         "one IREE dispatch function runs every convolution of its shape:",
+                         res["iree"]["conv_shapes"], res["openvino"]["conv_shapes"],
+                         res["openvino"].get("conv_counts", {}))
+    if all("mm_shapes" in (res.get(r) or {}) for r in ("iree", "openvino")):
+        L += shape_table("Projection/FFN matmuls by shape (tokens x out features <- in features), seconds per call, "
+                         "matched the same way (*count*: OpenVINO's FullyConnected nodes of the shape):",
+                         res["iree"]["mm_shapes"], res["openvino"]["mm_shapes"], res["openvino"].get("mm_counts", {}))
     L.append("## What it shows")
     L.append("")
     for s in findings(res, runners, gt, kind_flops, rate):
         L.append(f"- {s}")
     L.append("")
-    if "iree" in res:
+    if "iree" in res and res["iree"].get("profiler") == "perf":
+        ir = res["iree"]
+        fns = sorted(((n, f) for n, f in ir["functions"].items() if f["kind"] != K_GAP), key=lambda kv: -kv[1]["s"])
+        L += top_table(
+            "IREE: top 15 dispatch functions",
+            f"perf samples of {len(ir['calls'])} calls (" + ", ".join(f"{c['span_s']:.3f} s" for c in ir["calls"])
+            + "; the same number of calls just before, without perf: "
+            + ", ".join(f"{t:.3f} s" for t in ir["unprofiled_calls_s"]) + "), per call. *s*: the function's wall time (its bins); *threads busy* = its CPU samples' time / "
+            f"(s x {a['threads']}): below 100% the workers idle.",
+            ["dispatch function", "kind", "s", "% of call", "threads busy"], 2,
+            [[f"`{md_escape(shorten(name))}`", f["kind"], fmt_s(f["s"]), pct(f["s"] / ir["total_s"]),
+              pct(f["tile_s"] / (f["s"] * a["threads"]) if f["s"] else 0)] for name, f in fns[:15]],
+        )
+    elif "iree" in res:
         ir = res["iree"]
         fns = sorted(ir["functions"].items(), key=lambda kv: -kv[1]["s"])[:15]
         L += top_table(
@@ -1240,10 +1586,15 @@ def render(res: dict, a: dict) -> str:
         o = res["openvino"]
         L += top_table(
             "OpenVINO: top 15 nodes",
-            f"Profiled call {o['total_s']:.3f} s (warm-up {o['warmup_s']:.3f} s; convert_model "
-            f"{o['convert_s']:.1f} s, compile_model {o['compile_s']:.1f} s), {o['executed_nodes']} executed nodes.",
+            (f"Profiled calls {', '.join(f'{w:.3f}' for w in o['calls_s'])} s, node times averaged "
+             f"({o['warmups']} warm-ups before them, the first {o['warmup_s']:.3f} s; "
+             + (f"IR `{Path(o['ir']).name}` read" if o.get("ir") else f"convert_model {o['convert_s']:.1f} s")
+             + f", compile_model {o['compile_s']:.1f} s), {o['executed_nodes']} executed nodes."
+             if "calls_s" in o else
+             f"Profiled call {o['total_s']:.3f} s (warm-up {o['warmup_s']:.3f} s; convert_model "
+             f"{o['convert_s']:.1f} s, compile_model {o['compile_s']:.1f} s), {o['executed_nodes']} executed nodes."),
             ["node", "type", "kernel", "kind", "s", "% of call"], 4,
-            [[f"`{md_escape(shorten(n['name'].replace('__module.m.', '', 1)))}`", n["type"], n["exec"], n["kind"],
+            [[f"`{md_escape(shorten(_OV_WRAPPER.sub('', n['name'])))}`", n["type"], n["exec"], n["kind"],
               fmt_s(n["s"]), pct(n["s"] / o["total_s"])] for n in o["top"][:15]],
         )
     L.append("## Method")
@@ -1253,7 +1604,21 @@ def render(res: dict, a: dict) -> str:
              "does not; the share of the CPUs other processes used meanwhile): " + "; ".join(
                  f"{p} {st['seconds']:.0f} s, {st['peak_rss_gib']:.1f} / {st['peak_anon_gib']:.1f} GiB, "
                  f"{100 * st['other_cpu_share']:.0f}%" for p, st in res["phases"].items()) + ".")
-    if "iree" in res:
+    rounded = [r for r in runners if len(res[r].get("rounds_total_s", [])) > 1]
+    if rounded:
+        L.append(f"- Rounds: {' and '.join(RUNNER_TITLES[r] for r in rounded)} ran "
+                 f"{len(res[rounded[0]]['rounds_total_s'])} times in rotation, one process each; their rows "
+                 "average the rounds. Seconds per call by round: " + "; ".join(
+                     f"{RUNNER_TITLES[r]} " + ", ".join(f"{t:.3f}" for t in res[r]["rounds_total_s"]) for r in rounded)
+                 + ".")
+    if "iree" in res and res["iree"].get("profiler") == "perf":
+        ir = res["iree"]
+        L.append(f"- IREE: `{' '.join(ir['tool']['command']).replace(a['work'] + '/', '<scratch>/')}` (this "
+                 "process) around the calls, after two warm-up calls; `perf script -F tid,time,ip` for the samples; "
+                 "the code's place in memory from /proc/self/maps (the anonymous r-x mapping of the embedded ELF's "
+                 "executable segment), names from `addr2line` on that ELF. Steal time (the hypervisor running "
+                 "other guests) per call: " + ", ".join(f"{c['steal_s']:.2f} s" for c in ir["calls"]) + ".")
+    elif "iree" in res:
         tool_cmd = " ".join(res["iree"]["tool"]["command"]).replace(a["work"] + "/", "<scratch>/")
         L.append(f"- IREE: `{tool_cmd}`, then `iree-profile export "
                  "--format=ireeperf-jsonl` for the per-dispatch events of the last call (`iree-profile statistics` "
@@ -1266,13 +1631,31 @@ def render(res: dict, a: dict) -> str:
     L.append("- OpenVINO: `ov.convert_model(model, example_input=inputs)`, compiled for CPU with "
              f"`PERF_COUNT`, `INFERENCE_NUM_THREADS`, `INFERENCE_PRECISION_HINT="
              f"{(res.get('openvino') or {}).get('precision_hint') or OV_PRECISION.get(sig.get('dtype'), 'f32')}` (the module's dtype; the model converted "
-             "in float32, as in bench/suite.py); one warm-up, one timed call. "
-             "`get_profiling_info()` gives each node's mean over every call of the compiled model (a new infer "
-             "request does not reset it), so a node's time in the timed call is 2 x its mean after that call - "
-             "its mean after the warm-up.")
+             "in float32, as in bench/suite.py); "
+             + ("two warm-up calls, then the profiled calls. `get_profiling_info()` gives each node's mean over "
+                "every call of the compiled model (a new infer request does not reset it), so a node's time in call "
+                "n is n x its mean after that call - (n - 1) x its mean before it; the table averages the profiled "
+                "calls." if "calls_s" in (res.get("openvino") or {}) else
+                "one warm-up, one timed call. `get_profiling_info()` gives each node's mean over every call of the "
+                "compiled model (a new infer request does not reset it), so a node's time in the timed call is 2 x "
+                "its mean after that call - its mean after the warm-up."))
     L.append("- Profilers add overhead; compare the calls above with `docs/benchmarks.md`'s unprofiled medians.")
     L.append("")
     return "\n".join(L)
+
+
+def shape_table(intro: str, iree: dict[str, float], ov: dict[str, float], counts: dict[str, int]) -> list[str]:
+    """IREE's dispatches against OpenVINO's nodes of one kind, matched by shape, seconds per call."""
+    keys = sorted(set(iree) | set(ov), key=lambda k: -(iree.get(k, 0.0) + ov.get(k, 0.0)))
+    L = [intro, "", "| shape | count | IREE | OpenVINO | IREE / OpenVINO |", "| --- | ---: | ---: | ---: | ---: |"]
+    for k in keys:
+        a, b = iree.get(k, 0.0), ov.get(k, 0.0)
+        L.append(f"| {k} | {counts.get(k, '–')} | {fmt_s(a) if a else '–'} | {fmt_s(b) if b else '–'} | "
+                 f"{f'{a / b:.2f}x' if a and b else '–'} |")
+    a, b = sum(iree.values()), sum(ov.values())
+    L += [f"| **all** | {sum(counts.values())} | **{fmt_s(a)}** | **{fmt_s(b)}** | **{a / b:.2f}x** |" if b else
+          f"| **all** | | **{fmt_s(a)}** | – | – |", ""]
+    return L
 
 
 def findings(res, runners, gt, kind_flops, rate) -> list[str]:
@@ -1361,14 +1744,57 @@ def tree_memory_kib(root: int) -> tuple[int, int]:
     return anon, total
 
 
-def machine_busy_s() -> float:
-    """CPU seconds all processes have used since boot (/proc/stat), or 0 where it cannot be read."""
+def machine_busy_s(steal_only: bool = False) -> float:
+    """CPU seconds all processes have used since boot (/proc/stat), or 0 where it cannot be read; with
+    `steal_only`, the seconds the hypervisor gave this machine's CPUs to others (steal)."""
     try:
         f = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     except (OSError, ValueError):
         return 0.0
     user, nice, system, _idle, _iowait, irq, softirq, steal = (f + [0] * 8)[:8]
+    if steal_only:
+        return steal / os.sysconf("SC_CLK_TCK")
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+ROUNDED = ("iree", "openvino")  # the phases --rounds repeats, in rotation
+
+
+def merge_rounds(phase: str, outs: list[dict]) -> dict:
+    """One runner's result over its --rounds: per-kind seconds, call totals and per-function (IREE) or
+    per-node (OpenVINO) seconds averaged, the calls of every round listed."""
+    n = len(outs)
+    m = dict(outs[-1])
+    m["rounds_total_s"] = [o["total_s"] for o in outs]
+    m["total_s"] = sum(o["total_s"] for o in outs) / n
+    for field in ("per_kind", "conv_shapes", "mm_shapes"):
+        if all(field in o for o in outs):
+            keys = {k for o in outs for k in o[field]}
+            m[field] = {k: sum(o[field].get(k, 0.0) for o in outs) / n for k in keys}
+    if phase == "iree":
+        fns: dict[str, dict] = {}
+        for o in outs:
+            for key, f in o["functions"].items():
+                g = fns.setdefault(key, {**f, "s": 0.0, "wall_s": 0.0, "tile_s": 0.0})
+                for x in ("s", "wall_s", "tile_s"):
+                    g[x] += f[x] / n
+        m["functions"] = fns
+        m["calls"] = [c for o in outs for c in o["calls"]]
+        if "unprofiled_calls_s" in m:
+            m["unprofiled_calls_s"] = [t for o in outs for t in o["unprofiled_calls_s"]]
+        for x in ("dispatch_sum_s", "dispatch_busy_s"):
+            m[x] = sum(o[x] for o in outs) / n
+        m["unclassified_share"] = m["per_kind"].get(K_UNCL, 0.0) / m["dispatch_sum_s"] if m["dispatch_sum_s"] else 0.0
+    if phase == "openvino":
+        nodes: dict[str, dict] = {}
+        for o in outs:
+            for nd in o["nodes"]:
+                nodes.setdefault(nd["name"], {**nd, "s": 0.0})["s"] += nd["s"] / n
+        m["nodes"] = list(nodes.values())
+        m["top"] = sorted(m["nodes"], key=lambda nd: -nd["s"])[:40]
+        m["calls_s"] = [t for o in outs for t in o["calls_s"]]
+        m["node_sum_s"] = sum(o["node_sum_s"] for o in outs) / n
+    return m
 
 
 def run_phase(phase: str, work: Path) -> tuple[dict, dict]:
@@ -1419,7 +1845,19 @@ def main() -> None:
     p.add_argument("--runners", nargs="+", choices=RUNNERS, default=list(RUNNERS))
     p.add_argument("--mlir", help="the exported .mlir of the .vmfb (default: the build record's); 'none' skips the "
                    "flow-level IR")
-    p.add_argument("--iree-calls", type=int, default=2, help="IREE calls in the profile; the last is kept (default 2)")
+    p.add_argument("--iree-profiler", choices=("perf", "host-execution"), default=None,
+                   help="perf: `perf record` samples IREE's calls in punet's own runtime, named by the module's "
+                   "embedded code (default where perf is on PATH; costs the call next to nothing); host-execution: "
+                   "IREE's per-dispatch events under iree-benchmark-module (slows the call)")
+    p.add_argument("--iree-calls", type=int, default=None, help="IREE calls in the profile (default: 5 under perf, "
+                   "averaged; 2 under host-execution, the last kept)")
+    p.add_argument("--perf-freq", type=int, default=1000, help="perf samples per second per thread (default 1000)")
+    p.add_argument("--ov-xml", help="OpenVINO IR to profile (bench/suite.py saves one per size: unet_f32_<size>.xml); "
+                   "default: convert the torch model in the process")
+    p.add_argument("--rounds", type=int, default=1, help="profile IREE and OpenVINO this many times, in rotation, "
+                   "and average (default 1): on a shared host their calls drift by 10-30%% from minute to minute")
+    p.add_argument("--ov-calls", type=int, default=5, help="OpenVINO calls profiled after two warm-ups, averaged "
+                   "(default 5)")
     p.add_argument("--gemm-size", type=int, default=4096)
     p.add_argument("--gemm-reps", type=int, default=5)
     p.add_argument("--work", help="scratch folder (default: a new temporary one, removed afterwards)")
@@ -1441,6 +1879,10 @@ def main() -> None:
     for f in (a.irpa, a.vmfb):
         if f and not Path(f).is_file():
             p.error(f"{f}: file not found")
+    if a.iree_profiler is None:
+        a.iree_profiler = "perf" if shutil.which("perf") else "host-execution"
+    if a.iree_calls is None:
+        a.iree_calls = 5 if a.iree_profiler == "perf" else 2
     keep = a.work is not None
     work = Path(a.work or tempfile.mkdtemp(prefix="punet-profile-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -1448,20 +1890,29 @@ def main() -> None:
         p.error(f"{a.vmfb} reads packed weights: give them with --packed (punet pack)")
     args = {**vars(a), "irpa": str(Path(a.irpa).resolve()), "vmfb": str(Path(a.vmfb).resolve()) if a.vmfb else None,
             "packed": str(Path(a.packed).resolve()) if a.packed else None,
+            "ov_xml": str(Path(a.ov_xml).resolve()) if a.ov_xml else None,
             "work": str(work), "argv": sys.argv[1:]}
     (work / "args.json").write_text(json.dumps(args, indent=1))
-    phases = ["peak", "flops"] + [r for r in RUNNERS if r in a.runners]
+    runners = [r for r in RUNNERS if r in a.runners]
+    # IREE and OpenVINO again, in rotation, for --rounds: drift on a shared host falls on both alike
+    phases = ["peak", "flops"] + runners + [r for _ in range(a.rounds - 1) for r in runners if r in ROUNDED]
     res: dict = {"phases": {}}
+    rounds: dict[str, list[dict]] = defaultdict(list)
     t_all = time.perf_counter()
     try:
         for i, ph in enumerate(phases, 1):
-            print(f"== [{i}/{len(phases)}] {ph}", flush=True)
+            k = len(rounds[ph]) + 1
+            print(f"== [{i}/{len(phases)}] {ph}" + (f" (round {k} of {a.rounds})" if ph in ROUNDED and a.rounds > 1
+                                                     else ""), flush=True)
             out, stats = run_phase(ph, work)
-            res[ph] = out
-            res["phases"][ph] = stats
+            rounds[ph].append(out)
+            res["phases"][ph if k == 1 else f"{ph} {k}"] = stats
             print(f"   {ph}: {stats['seconds']:.1f} s, peak RSS {stats['peak_rss_gib']:.1f} GiB (anonymous "
                   f"{stats['peak_anon_gib']:.1f} GiB); other processes used {100 * stats['other_cpu_share']:.0f}% "
                   "of the CPUs meanwhile", flush=True)
+        for ph, outs in rounds.items():
+            res[ph] = merge_rounds(ph, outs) if ph in ROUNDED else outs[0]
+            res[ph].pop("nodes", None)  # every OpenVINO node: needed for the merge, too long to keep
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)

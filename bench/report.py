@@ -213,7 +213,9 @@ def render(results: dict, chart: Path | None = None) -> str:
         + (f" ({params:,} parameters)" if params else "")
         + (", the real SDXL base config" if model.get("full_size_sdxl") else "")
         + "; batch 1, no CFG; IREE: `punet compile --target cpu --pack-weights` + `punet pack` (the tuned flags with "
-        "weights packed once and used in place; docs/cpu-tuning.md).",
+        "weights packed once and used in place; docs/cpu-tuning.md)"
+        + {"memory": ", the packed archive read into memory at load (`punet bench --weights memory`)",
+           "mapped": ", the packed archive mapped from its file"}.get(model.get("iree_weights"), "") + ".",
     ]
     shapes = {}
     for p in results["probes"]:

@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+from punet.artifacts import WEIGHTS
 from punet.compile import get_target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,12 +72,13 @@ def punet(*args: str) -> list[str]:
 PEERS = ("compile", "openvino")
 
 
-def runner_spec(kind: str, dtype: str, work: Path, size: int) -> dict:
+def runner_spec(kind: str, dtype: str, work: Path, size: int, iree_weights: str = "mapped") -> dict:
     irpa = work / f"unet_{SHORT[dtype]}.irpa"
     spec = {"kind": kind, "dtype": dtype, "irpa": str(irpa), "size": size}
     if kind == "iree":  # `punet compile --pack-weights` + `punet pack`: the fastest CPU build, weights in place
         spec["vmfb"] = str(work / f"unet_b1_{size}x{size}_{SHORT[dtype]}.cpu-packed.vmfb")
         spec["irpa"] = str(Path(spec["vmfb"]).with_suffix(".irpa"))
+        spec["weights"] = iree_weights
     if kind == "openvino":  # one float32 IR per size; bfloat16 is a precision hint on it (bench/worker.py)
         spec["irpa"] = str(work / "unet_f32.irpa")
         spec["xml"] = str(ov_xml(work, size))
@@ -143,6 +145,9 @@ def main() -> None:
                         "falls on every alone runner alike, and the report compares IREE with each runner timed alone "
                         "round by round")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--iree-weights", choices=WEIGHTS, default="mapped",
+                   help="how IREE's processes read the packed archive (`punet bench --weights`): mapped from its file "
+                   "(default) or read into memory at load (docs/cpu-tuning.md, thirteenth session)")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
                    help="markdown file: the suite's section (between its markers) is replaced, the rest kept")
     p.add_argument("--json", default=None, help="raw results (default: <work>/results.json)")
@@ -170,7 +175,7 @@ def main() -> None:
         "threads": a.threads,
         # FLOPs per call are known for the real SDXL config only; other configs leave the floor blank.
         "tflop_per_call": {str(k): v for k, v in TFLOP_PER_CALL.items()} if full_size else {},
-        "model": {"config": a.config, "full_size_sdxl": full_size},
+        "model": {"config": a.config, "full_size_sdxl": full_size, "iree_weights": a.iree_weights},
     }
 
     ckpt = work / "checkpoint"
@@ -232,7 +237,7 @@ def main() -> None:
 
     for size in a.sizes:
         specs = [runner_spec("eager", d, work, size) for d in eager_dtypes]
-        specs += [runner_spec("iree", d, work, size) for d in a.iree_dtypes]
+        specs += [runner_spec("iree", d, work, size, a.iree_weights) for d in a.iree_dtypes]
         specs += [runner_spec(kind, d, work, size) for kind in a.peers for d in peer_types]
         reference = work / f"ref_{size}.safetensors"
         # The fp32 eager probe goes first: it writes the reference the others compare to.

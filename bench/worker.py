@@ -132,7 +132,7 @@ def make_runner(spec: dict, threads: int):
     if kind == "openvino":
         call, x, info = openvino_runner(spec, threads)
         return name, call, x, info
-    session = Session.load(spec["vmfb"], spec["irpa"])
+    session = Session.load(spec["vmfb"], spec["irpa"], weights=spec.get("weights", "mapped"))
     x = make_inputs(session.config, sig, 0)
     args = session.to_device(x)
     return name, lambda: session.to_torch(session.call(args)), x, {}

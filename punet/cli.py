@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from .artifacts import WEIGHTS
 from .errors import PunetError, UsageError
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
@@ -226,6 +227,7 @@ def cmd_run(args) -> int:
             device=device,
             exact_weights=args.exact_weights,
             progress=_say,
+            weights=args.weights,
         )
     elif artifact.suffix == ".irpa":
         from .eager import run_eager
@@ -536,6 +538,7 @@ def cmd_bench(args) -> int:
             exact_weights=args.exact_weights,
             progress=lambda m: status.update(f"benchmarking: {m}"),
             say=_say,
+            weights=args.weights,
         )
     print_bench(res)
     if args.json:
@@ -549,7 +552,7 @@ def print_bench(res) -> None:
     from rich.table import Table
 
     shapes = ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in res.inputs)
-    table = Table(title=f"{Path(res.vmfb).name} on {res.device}, {res.threads} threads")
+    table = Table(title=f"{Path(res.vmfb).name} on {res.device}, {res.threads} threads, weights {res.weights}")
     for col in ("runner", "min ms", "median ms", "p90 ms", "mean ms", "calls"):
         table.add_column(col, justify="right" if col != "runner" else "left")
     rows = [("IREE " + res.target, res.iree)] + ([("torch eager", res.eager)] if res.eager else [])
@@ -701,6 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype for eager (default: the .irpa's; float64: a quantized model's exact reference)")
     p.add_argument("--exact-weights", action="store_true",
                    help="a .vmfb: refuse an archive whose weights differ from the one it was exported from")
+    p.add_argument("--weights", choices=WEIGHTS, default="mapped", help="a .vmfb: " + "how a CPU module reads its weights: mapped from the archive's file (default; nothing read at "
+                   "load) or read into memory first (seconds at load, the same resident size; measured in "
+                   "docs/cpu-tuning.md)")
     _add_shape_args(p)
     p.set_defaults(func=cmd_run)
 
@@ -837,6 +843,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_int_at_least(1), help="CPU threads for IREE and torch (default: all cores)")
     p.add_argument("--exact-weights", action="store_true",
                    help="refuse an archive whose weights differ from the one the module was exported from")
+    p.add_argument("--weights", choices=WEIGHTS, default="mapped", help="how a CPU module reads its weights: mapped from the archive's file (default; nothing read at "
+                   "load) or read into memory first (seconds at load, the same resident size; measured in "
+                   "docs/cpu-tuning.md)")
     p.add_argument("--vs-eager", action="store_true", help="alternate with torch eager on the same inputs")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)

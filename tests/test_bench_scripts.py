@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,85 @@ def test_profile_report_names_the_module_dtype(data, dtype, hint):
     out = render(res, dict(res["args"], work="/scratch"))
     assert f"{dtype} weights and activations" in out and f"INFERENCE_PRECISION_HINT={hint}`" in out
     assert ("against the fp32 sgemm rate" in out) == (dtype != "float32")
+
+
+def test_profile_bins_share_time_among_sampled_functions():
+    """Bugs in `bench/cpu_profile.py`'s `attribute_bins` (the perf profile's clock): a bin with no sample
+    dropped (the kinds no longer add up to the call), each sample charged a whole bin (two workers in one
+    bin count it twice), or samples outside the call counted. Reference: shares worked out by hand."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from cpu_profile import attribute_bins
+
+    samples = [(-1, "A"), (1, "A"), (5, "A"), (12, "A"), (15, "B"), (31, "B"), (40, "A")]
+    # bins of 10 over [0, 35): A,A | A,B | nothing | B (a bin of 5)
+    assert attribute_bins(samples, 0, 35, 10, "idle") == {"A": 15.0, "B": 10.0, "idle": 10.0}
+    assert sum(attribute_bins(samples, 0, 35, 10, "idle").values()) == 35
+
+
+def test_profile_reads_perf_samples_and_anonymous_code():
+    """Bugs in how the perf profile finds IREE's dispatch code: a sample line misread (the time's
+    nanoseconds or the hex address), or a file-backed library, a writable mapping or [vdso] taken for the
+    anonymous r-x mapping IREE's ELF loader makes. Reference: lines in `perf script -F tid,time,ip --ns`'s
+    and /proc/<pid>/maps's formats, read by hand."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from cpu_profile import anonymous_exec_regions, parse_perf_samples
+
+    text = ("    3838  2079.453101730:  ffffffff8160fb09\n"
+            " 3840  2079.000000001:      7f7371e616a7\n"
+            "not a sample\n")
+    assert parse_perf_samples(text) == [(3838, 2079453101730, 0xFFFFFFFF8160FB09), (3840, 2079000000001, 0x7F7371E616A7)]
+    maps = ("7f7371e4e000-7f7371e81000 r-xp 00000000 00:00 0 \n"
+            "7f7371e81000-7f7371e84000 rw-p 00000000 00:00 0 \n"
+            "7f83754a8000-7f8375626000 r-xp 00028000 fe:01 1234   /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+            "7ffd2f1f0000-7ffd2f1f2000 r-xp 00000000 00:00 0                          [vdso]\n")
+    assert anonymous_exec_regions(maps) == [(0x7F7371E4E000, 0x7F7371E81000)]
+
+
+def test_profile_matches_convolutions_and_projections_by_shape():
+    """Bug in `conv_shape_from_name`/`mm_shape_from_name`: IREE's conv dispatch name (out channels, output map, in channels,
+    kernel) read in another order than `conv_shape_key` writes OpenVINO's nodes (module channels and output
+    shape), so no convolution of one runner meets its twin, or a matmul taken for one. Reference: the
+    dispatch names of the Zen 5 profile and the modules they run (up_blocks.0.resnets.0.conv1: 2560 -> 1280 at
+    8x8; down_blocks.1.resnets.1.conv1: 640 -> 640 at 16x16)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from cpu_profile import conv_shape_from_name, conv_shape_key, mm_shape_from_name, mm_shape_key
+
+    assert conv_shape_from_name("main$async_dispatch_1057_conv_1280x8x8x2560x3x3_f32") == conv_shape_key(
+        1280, 8, 8, 2560, 3, 3) == "1280 x 8x8 <- 2560, 3x3"
+    assert conv_shape_from_name("main$async_dispatch_80_conv_640x16x16x640x3x3_f32") == conv_shape_key(
+        640, 16, 16, 640, 3, 3)
+    assert conv_shape_from_name("main$async_dispatch_219_batch_matmul_1x64x10240x1280_f32") is None
+    # projections: tokens x out features <- in features (the 8x8 level's GEGLU up-projection, 1280 -> 2 x 5120;
+    # the time embedding's first Linear, 320 -> 1280, on one row)
+    assert mm_shape_from_name("main$async_dispatch_219_batch_matmul_1x64x10240x1280_f32") == mm_shape_key(
+        64, 10240, 1280) == "64 x 10240 <- 1280"
+    assert mm_shape_from_name("main$async_dispatch_1_matmul_1x1280x320_f32") == mm_shape_key(1, 1280, 320)
+    assert mm_shape_from_name("main$async_dispatch_1057_conv_1280x8x8x2560x3x3_f32") is None
+
+
+@pytest.mark.skipif(not (shutil.which("addr2line") and shutil.which("readelf")), reason="needs binutils")
+def test_profile_names_dispatch_code_in_a_vmfb():
+    """Bugs in `vmfb_elfs`/`elf_exec_span`/`symbolize`: the ELF cut short or not found in the module, the
+    executable segment's span (which must match the loader's r-x mapping) off by its page rounding, or an
+    address not named by its dispatch. Reference: readelf's program headers and sections of the same ELF,
+    and the dispatch named in the compiled module."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from cpu_profile import elf_exec_span, symbolize, vmfb_elfs
+    from iree.compiler import compile_str
+
+    mlir = ("func.func @main(%a: tensor<64xf32>, %b: tensor<64xf32>) -> tensor<64xf32> {\n"
+            "  %0 = arith.mulf %a, %b : tensor<64xf32>\n  return %0 : tensor<64xf32>\n}\n")
+    vmfb = compile_str(mlir, target_backends=["llvm-cpu"], extra_args=["--iree-llvmcpu-target-cpu=generic"])
+    elfs = vmfb_elfs(vmfb)
+    assert len(elfs) == 1
+    with tempfile.TemporaryDirectory() as d:
+        so = Path(d) / "e.so"
+        so.write_bytes(elfs[0])
+        headers = subprocess.run(["readelf", "-lSW", str(so)], capture_output=True, text=True, check=True).stdout
+        load = next(line.split() for line in headers.splitlines() if "LOAD" in line and "R E" in line)
+        vaddr, memsz = int(load[2], 16), int(load[5], 16)
+        assert elf_exec_span(elfs[0]) == (vaddr // 4096 * 4096, -(-(vaddr + memsz) // 4096) * 4096)
+        text = next(line for line in headers.splitlines() if " .text " in line)
+        start = int(text.split(".text")[1].split()[1], 16)
+        names = symbolize(so, {start})
+    assert "main" in names[start] and "dispatch_0" in names[start]

@@ -369,3 +369,30 @@ def test_benchmark_refuses_bad_counts(built):
         message = rf"^benchmark needs warmup >= 0 and repeat >= 1 \(got {warmup}, {repeat}\)$"
         with pytest.raises(ValueError, match=message):
             benchmark(vmfb, irpa, warmup=warmup, repeat=repeat)
+
+
+def test_weights_in_memory_are_used_in_place(built):
+    """`Session.load(weights="memory")` (`punet run/bench --weights memory`): the archive read into this
+    process's memory, which the device must use in place. Bugs: the weights read wrong (a short read, an
+    offset lost: other output bits than the mapped archive's), the buffer handed to IREE as a copy (two
+    archives in memory: the resident size the mode must keep), or a mode that silently maps the file.
+    Reference: the same module with its archive mapped, bit for bit; IREE holding the buffer (an mmap
+    with exported pointers cannot be closed)."""
+    vmfb, irpa = built["float32"]
+    notes = []
+    mapped = Session.load(vmfb, irpa)
+    memory = Session.load(vmfb, irpa, weights="memory", progress=notes.append)
+    assert mapped.weights == "mapped" and memory.weights == "memory"
+    x = make_inputs(memory.config, memory.signature, 3)
+    assert torch.equal(memory(x), mapped(x))
+    (buf,) = memory._buffers
+    assert len(buf) == irpa.stat().st_size and bytes(buf[:4]) == irpa.read_bytes()[:4]
+    with pytest.raises(BufferError):
+        buf.close()  # IREE imported it: no copy was made
+    assert re.fullmatch(rf"read {irpa.name} into memory \(0\.\d\d GiB\) in \d+\.\d s", notes[-1])
+    with pytest.raises(PunetError, match=r"unknown weights mode 'disk' \(expected one of: mapped, memory\)"):
+        Session.load(vmfb, irpa, weights="disk")
+    with pytest.raises(PunetError, match=r"weights in memory is for CPU devices \(local-task, local-sync\), not cuda"):
+        Session.load(vmfb, irpa, device="cuda", weights="memory")
+    res = benchmark(vmfb, irpa, warmup=0, repeat=1, weights="memory")
+    assert res.weights == "memory" and res.to_dict()["weights"] == "memory"

@@ -1,7 +1,9 @@
 """A thin iree.runtime driver: load a .vmfb with its .irpa, call the entry, time it.
 
 Parameters are served from the memory-mapped .irpa through the io-parameters
-module (scope "model"), never copied into Python. Before anything runs, the
+module (scope "model"), never copied into Python; or, with weights="memory"
+on a CPU device, from one read of the archive into the process's memory,
+which the device uses in place (artifacts.WEIGHTS). Before anything runs, the
 .vmfb's build record is checked against the archive's digest and the
 inputs' shapes, so a mismatch is a one-line error rather than a crash
 inside the runtime.
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..artifacts import build_info_path
+from ..artifacts import WEIGHTS, build_info_path
 from ..config import UNetConfig
 from ..errors import PunetError
 from ..signature import SCOPE, Signature, TensorSpec, check_inputs
@@ -28,6 +30,31 @@ from ..signature import SCOPE, Signature, TensorSpec, check_inputs
 __all__ = ["Session", "device_buffer", "host_tensor", "load_build_info", "run_vmfb", "DEVICES"]
 
 DEVICES = ("local-task", "local-sync", "hip", "vulkan", "cuda")
+
+
+def read_into_memory(path: Path) -> Any:
+    """The bytes of `path` in anonymous memory (an mmap object), faulted in as a block first: on the hosts
+    measured, touching fresh memory page by page cost more than reading the file."""
+    import mmap
+
+    size = path.stat().st_size
+    buf = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23))  # Linux 5.14+; older kernels fault page by page
+    except OSError:
+        pass
+    view = memoryview(buf)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            done = 0
+            while done < size:
+                n = f.readinto(view[done:done + (256 << 20)])
+                if not n:
+                    raise PunetError(f"{path}: ended at byte {done} of {size} while being read")
+                done += n
+    finally:
+        view.release()
+    return buf
 
 _ELEMENT_TYPES = {
     torch.float32: "FLOAT_32",
@@ -116,6 +143,7 @@ class Session:
         device: str = "local-task",
         exact_weights: bool = False,
         progress: Callable[[str], None] | None = None,
+        weights: str = "mapped",
     ) -> "Session":
         """Load `vmfb` with parameters from `irpa` on `device`.
 
@@ -123,7 +151,9 @@ class Session:
         exported for (its config and every tensor's shape); its weights may
         differ from the ones at export (a fine-tune, weights regenerated
         elsewhere): that is reported through `progress`, and refused only
-        with `exact_weights`.
+        with `exact_weights`. `weights` (WEIGHTS): "mapped" maps the archive
+        from its file; "memory" reads it into this process's memory first
+        (local-task/local-sync only: the device uses it in place).
         """
         import iree.runtime as rt
 
@@ -148,6 +178,11 @@ class Session:
                 progress(msg + ": same architecture, running with these weights")
         if device not in DEVICES:
             raise PunetError(f"unknown device {device!r} (expected one of: {', '.join(DEVICES)})")
+        if weights not in WEIGHTS:
+            raise PunetError(f"unknown weights mode {weights!r} (expected one of: {', '.join(WEIGHTS)})")
+        if weights == "memory" and not device.startswith("local-"):
+            raise PunetError(f"weights in memory is for CPU devices (local-task, local-sync), not {device}: "
+                             "a GPU copies the archive into its own memory either way")
         expected_driver = info.get("driver")
         if expected_driver and device.split("-")[0] != expected_driver.split("-")[0]:
             raise PunetError(
@@ -168,8 +203,18 @@ class Session:
         session = cls(vmfb, irpa, device, UNetConfig.from_dict(info["config"]), Signature(**info["signature"]), info)
         session._rt_config = rt_config
         index = rt.ParameterIndex()
+        session._buffers = []
         for path in files:
-            index.load(str(path), mmap=True)
+            if weights == "memory":
+                t0 = time.perf_counter()
+                buf = read_into_memory(Path(path))
+                session._buffers.append(buf)  # the device reads the weights from it: keep it for the session
+                index.load_from_file_handle(rt.FileHandle.wrap_memory(buf, readable=True, writable=False), "irpa")
+                if progress:
+                    progress(f"read {Path(path).name} into memory ({Path(path).stat().st_size / 2**30:.2f} GiB) in "
+                             f"{time.perf_counter() - t0:.1f} s")
+            else:
+                index.load(str(path), mmap=True)
         providers = [index.create_provider(scope=scope)]
         packed_from = Path(meta["packed"]["source"]) if "packed" in meta else None
         if packed_from is not None and packed_from.is_file():
@@ -193,6 +238,7 @@ class Session:
         session._fn = None if session.signature.scheduled else session._fns[info["entry"]]
         session._index = index
         session.packed_from = packed_from
+        session.weights = weights
         # (scope, file) as iree-run-module's --parameters takes them: the archive (and a tensor-parallel
         # module's rank files), and a packed archive's source
         session.parameters = [(scope, p) for p in files] + ([(SCOPE, packed_from)] if len(providers) > 1 else [])
@@ -255,12 +301,13 @@ def run_vmfb(
     device: str = "local-task",
     exact_weights: bool = False,
     progress: Callable[[str], None] | None = None,
+    weights: str = "mapped",
 ) -> dict[str, Any]:
     """One call of a compiled module; writes {"sample": noise} to `output`."""
     from ..eager import prepare_inputs
     from ..tensors import save_tensors
 
-    session = Session.load(vmfb, irpa, device, exact_weights=exact_weights, progress=progress)
+    session = Session.load(vmfb, irpa, device, exact_weights=exact_weights, progress=progress, weights=weights)
     if session.signature.scheduled:
         raise PunetError(f"{Path(vmfb).name} is a scheduled module (a whole denoising step): run it with `punet generate`")
     if inputs is not None:

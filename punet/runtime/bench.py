@@ -68,6 +68,7 @@ class BenchResult:
     host: dict[str, Any] = field(default_factory=dict)
     command: str = ""
     scheduled: bool = False  # the figure is one denoising step (run_forward), not one UNet call
+    weights: str = "mapped"  # how the weights reached the module (punet.runtime.WEIGHTS)
 
     @property
     def speedup_vs_eager(self) -> float | None:
@@ -175,12 +176,13 @@ def benchmark(
     exact_weights: bool = False,
     progress=None,
     say=None,
+    weights: str = "mapped",
 ) -> BenchResult:
     if warmup < 0 or repeat < 1:
         raise ValueError(f"benchmark needs warmup >= 0 and repeat >= 1 (got {warmup}, {repeat})")
     threads = threads or os.cpu_count() or 1
     set_threads(threads)
-    session = Session.load(vmfb, irpa, device, exact_weights=exact_weights, progress=say)
+    session = Session.load(vmfb, irpa, device, exact_weights=exact_weights, progress=say, weights=weights)
     if vs_eager:
         torch.set_num_threads(threads)
     # torch cannot read packed weights: eager loads the archive they were packed from
@@ -215,4 +217,5 @@ def benchmark(
         eager=Stats(eager_ms) if eager_ms else None,
         host=host_info(),
         command=benchmark_command(session, threads),
+        weights=weights,
     )
