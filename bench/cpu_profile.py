@@ -717,92 +717,7 @@ def attribute_overlap(intervals: list[tuple[int, int]]) -> list[int]:
 
 
 # ---- IREE under perf: sampled, at the cost of an unprofiled call -------------------------------------
-
-
-def vmfb_elfs(data: bytes) -> list[bytes]:
-    """The ELF images a llvm-cpu .vmfb embeds (its executables' code), each cut at its section headers' end."""
-    import struct
-
-    out, i = [], 0
-    while (i := data.find(b"\x7fELF\x02\x01", i)) >= 0:
-        shoff, = struct.unpack_from("<Q", data, i + 0x28)
-        shentsize, shnum = struct.unpack_from("<HH", data, i + 0x3A)
-        end = i + shoff + shentsize * shnum
-        if shoff == 0 or end > len(data):
-            i += 4
-            continue
-        out.append(data[i:end])
-        i = end
-    return out
-
-
-def elf_exec_span(elf: bytes) -> tuple[int, int]:
-    """(start, end) of an ELF's executable PT_LOAD segment, widened to whole 4 KiB pages: the part of the
-    image a loader maps r-x, as /proc/<pid>/maps shows it."""
-    import struct
-
-    phoff, = struct.unpack_from("<Q", elf, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    for k in range(phnum):
-        p_type, p_flags, _, p_vaddr, _, _, p_memsz = struct.unpack_from("<IIQQQQQ", elf, phoff + k * phentsize)
-        if p_type == 1 and p_flags & 1:  # PT_LOAD, PF_X
-            return p_vaddr & ~0xFFF, (p_vaddr + p_memsz + 0xFFF) & ~0xFFF
-    raise ValueError("no executable PT_LOAD segment")
-
-
-def anonymous_exec_regions(maps: str) -> list[tuple[int, int]]:
-    """(start, end) of the anonymous r-x mappings in a /proc/<pid>/maps text: where IREE's embedded ELF
-    loader put dispatch code (it maps the image into memory it reserved itself, not from a file)."""
-    out = []
-    for line in maps.splitlines():
-        parts = line.split()
-        if len(parts) == 5 and parts[1].startswith("r-x"):
-            lo, hi = (int(v, 16) for v in parts[0].split("-"))
-            out.append((lo, hi))
-    return out
-
-
-def parse_perf_samples(text: str) -> list[tuple[int, int, int]]:
-    """(tid, time ns, ip) per line of `perf script -F tid,time,ip --ns`."""
-    out = []
-    for line in text.splitlines():
-        m = re.match(r"\s*(\d+)\s+(\d+)\.(\d{9}):\s+([0-9a-f]+)", line)
-        if m:
-            out.append((int(m.group(1)), int(m.group(2)) * 10**9 + int(m.group(3)), int(m.group(4), 16)))
-    return out
-
-
-def attribute_bins(samples: list[tuple[int, str]], start: int, end: int, bin_ns: int,
-                   idle: str) -> dict[str, float]:
-    """Wall nanoseconds of [start, end) per key from (time ns, key) samples of every thread: the span is cut
-    into bins of one sampling period, and each bin's time goes to the keys sampled in it, in proportion
-    (one thread busy and the other idle: the busy one's key takes the whole bin, as a node's wall time
-    does in OpenVINO's counters); bins with no sample go to `idle`. The keys add up to end - start."""
-    per_bin: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for t, key in samples:
-        if start <= t < end:
-            per_bin[(t - start) // bin_ns][key] += 1
-    out: dict[str, float] = defaultdict(float)
-    nbins = -(-(end - start) // bin_ns)
-    for b in range(nbins):
-        width = min(bin_ns, end - start - b * bin_ns)
-        keys = per_bin.get(b)
-        if not keys:
-            out[idle] += width
-            continue
-        n = sum(keys.values())
-        for key, c in keys.items():
-            out[key] += width * c / n
-    return dict(out)
-
-
-def symbolize(elf_path: Path, offsets: set[int]) -> dict[int, str]:
-    """Function name of each offset in the ELF, from its DWARF (IREE embeds it: one subprogram per dispatch)."""
-    offs = sorted(offsets)
-    r = subprocess.run(["addr2line", "-f", "-e", str(elf_path)], input="".join(f"{o:#x}\n" for o in offs),
-                       capture_output=True, text=True, check=True)
-    names = r.stdout.splitlines()[0::2]
-    return dict(zip(offs, names))
+# (the parts that read ELF images, /proc maps and perf's samples are in bench/perf_samples.py)
 
 
 K_HOST = "[runtime, host and kernel]"
@@ -814,6 +729,9 @@ def iree_perf_phase(a: dict, config, sig, info: dict, flow: dict | None, flow_no
     record`'s CPU-clock sampling: every sample's code address names its dispatch function through the
     module's embedded ELF, and time bins give each function its wall time."""
     import signal
+
+    from perf_samples import (anonymous_exec_regions, attribute_bins, elf_exec_span, parse_perf_samples, symbolize,
+                              vmfb_elfs)
 
     from punet.runtime import Session, set_threads
     from punet.signature import make_inputs
@@ -1265,7 +1183,8 @@ def phase_openvino(a: dict) -> dict:
             walls.append(wall)
             for p in infos:
                 meta[p.node_name] = (p.node_type, p.exec_type, str(p.status))
-                per_node[p.node_name] += max(0.0, n * mean_after[p.node_name] - (n - 1) * mean_before.get(p.node_name, 0.0))
+                own = n * mean_after[p.node_name] - (n - 1) * mean_before.get(p.node_name, 0.0)
+                per_node[p.node_name] += max(0.0, own)
         elif n == 1:
             warm = wall
         mean_before = mean_after
@@ -1551,7 +1470,8 @@ def render(res: dict, a: dict) -> str:
             "IREE: top 15 dispatch functions",
             f"perf samples of {len(ir['calls'])} calls (" + ", ".join(f"{c['span_s']:.3f} s" for c in ir["calls"])
             + "; the same number of calls just before, without perf: "
-            + ", ".join(f"{t:.3f} s" for t in ir["unprofiled_calls_s"]) + "), per call. *s*: the function's wall time (its bins); *threads busy* = its CPU samples' time / "
+            + ", ".join(f"{t:.3f} s" for t in ir["unprofiled_calls_s"]) + "), per call. *s*: the function's wall "
+            "time (its bins); *threads busy* = its CPU samples' time / "
             f"(s x {a['threads']}): below 100% the workers idle.",
             ["dispatch function", "kind", "s", "% of call", "threads busy"], 2,
             [[f"`{md_escape(shorten(name))}`", f["kind"], fmt_s(f["s"]), pct(f["s"] / ir["total_s"]),

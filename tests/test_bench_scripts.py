@@ -97,11 +97,11 @@ def test_profile_report_names_the_module_dtype(data, dtype, hint):
 
 
 def test_profile_bins_share_time_among_sampled_functions():
-    """Bugs in `bench/cpu_profile.py`'s `attribute_bins` (the perf profile's clock): a bin with no sample
+    """Bugs in `bench/perf_samples.py`'s `attribute_bins` (the perf profile's clock): a bin with no sample
     dropped (the kinds no longer add up to the call), each sample charged a whole bin (two workers in one
     bin count it twice), or samples outside the call counted. Reference: shares worked out by hand."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from cpu_profile import attribute_bins
+    from perf_samples import attribute_bins
 
     samples = [(-1, "A"), (1, "A"), (5, "A"), (12, "A"), (15, "B"), (31, "B"), (40, "A")]
     # bins of 10 over [0, 35): A,A | A,B | nothing | B (a bin of 5)
@@ -115,12 +115,13 @@ def test_profile_reads_perf_samples_and_anonymous_code():
     anonymous r-x mapping IREE's ELF loader makes. Reference: lines in `perf script -F tid,time,ip --ns`'s
     and /proc/<pid>/maps's formats, read by hand."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from cpu_profile import anonymous_exec_regions, parse_perf_samples
+    from perf_samples import anonymous_exec_regions, parse_perf_samples
 
     text = ("    3838  2079.453101730:  ffffffff8160fb09\n"
             " 3840  2079.000000001:      7f7371e616a7\n"
             "not a sample\n")
-    assert parse_perf_samples(text) == [(3838, 2079453101730, 0xFFFFFFFF8160FB09), (3840, 2079000000001, 0x7F7371E616A7)]
+    assert parse_perf_samples(text) == [(3838, 2079453101730, 0xFFFFFFFF8160FB09),
+                                        (3840, 2079000000001, 0x7F7371E616A7)]
     maps = ("7f7371e4e000-7f7371e81000 r-xp 00000000 00:00 0 \n"
             "7f7371e81000-7f7371e84000 rw-p 00000000 00:00 0 \n"
             "7f83754a8000-7f8375626000 r-xp 00028000 fe:01 1234   /usr/lib/x86_64-linux-gnu/libc.so.6\n"
@@ -129,10 +130,11 @@ def test_profile_reads_perf_samples_and_anonymous_code():
 
 
 def test_profile_matches_convolutions_and_projections_by_shape():
-    """Bug in `conv_shape_from_name`/`mm_shape_from_name`: IREE's conv dispatch name (out channels, output map, in channels,
-    kernel) read in another order than `conv_shape_key` writes OpenVINO's nodes (module channels and output
-    shape), so no convolution of one runner meets its twin, or a matmul taken for one. Reference: the
-    dispatch names of the Zen 5 profile and the modules they run (up_blocks.0.resnets.0.conv1: 2560 -> 1280 at
+    """Bug in `conv_shape_from_name`/`mm_shape_from_name`: IREE's dispatch names (a conv's out channels,
+    output map, in channels, kernel; a projection's tokens, out and in features) read in another order
+    than `conv_shape_key`/`mm_shape_key` write OpenVINO's nodes (module channels or features and output
+    shape), so no op of one runner meets its twin, or a matmul taken for a conv. Reference: the dispatch
+    names of the Zen 5 profile and the modules they run (up_blocks.0.resnets.0.conv1: 2560 -> 1280 at
     8x8; down_blocks.1.resnets.1.conv1: 640 -> 640 at 16x16)."""
     sys.path.insert(0, str(ROOT / "bench"))
     from cpu_profile import conv_shape_from_name, conv_shape_key, mm_shape_from_name, mm_shape_key
@@ -152,12 +154,12 @@ def test_profile_matches_convolutions_and_projections_by_shape():
 
 @pytest.mark.skipif(not (shutil.which("addr2line") and shutil.which("readelf")), reason="needs binutils")
 def test_profile_names_dispatch_code_in_a_vmfb():
-    """Bugs in `vmfb_elfs`/`elf_exec_span`/`symbolize`: the ELF cut short or not found in the module, the
-    executable segment's span (which must match the loader's r-x mapping) off by its page rounding, or an
-    address not named by its dispatch. Reference: readelf's program headers and sections of the same ELF,
-    and the dispatch named in the compiled module."""
+    """Bugs in `bench/perf_samples.py`'s `vmfb_elfs`/`elf_exec_span`/`symbolize`: the ELF cut short or not
+    found in the module, the executable segment's span (which must match the loader's r-x mapping) off by
+    its page rounding, or an address not named by its dispatch. Reference: readelf's program headers and
+    sections of the same ELF, and the dispatch named in the compiled module."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from cpu_profile import elf_exec_span, symbolize, vmfb_elfs
+    from perf_samples import elf_exec_span, symbolize, vmfb_elfs
     from iree.compiler import compile_str
 
     mlir = ("func.func @main(%a: tensor<64xf32>, %b: tensor<64xf32>) -> tensor<64xf32> {\n"

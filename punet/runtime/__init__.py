@@ -56,6 +56,7 @@ def read_into_memory(path: Path) -> Any:
         view.release()
     return buf
 
+
 _ELEMENT_TYPES = {
     torch.float32: "FLOAT_32",
     torch.float16: "FLOAT_16",
