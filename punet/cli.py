@@ -12,6 +12,9 @@ from pathlib import Path
 from .artifacts import WEIGHTS
 from .errors import PunetError, UsageError
 
+WEIGHTS_HELP = ("how a CPU module reads its weights: mapped from the archive's file (default; nothing read at load) "
+                "or read into memory first (seconds at load, the same resident size; measured in docs/cpu-tuning.md)")
+
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 TORCH_DEVICES = ("cpu", "cuda")
 DEFAULT_SHAPE = {"batch": 1, "height": 1024, "width": 1024, "tokens": 77}
@@ -704,9 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype for eager (default: the .irpa's; float64: a quantized model's exact reference)")
     p.add_argument("--exact-weights", action="store_true",
                    help="a .vmfb: refuse an archive whose weights differ from the one it was exported from")
-    p.add_argument("--weights", choices=WEIGHTS, default="mapped", help="a .vmfb: " + "how a CPU module reads its weights: mapped from the archive's file (default; nothing read at "
-                   "load) or read into memory first (seconds at load, the same resident size; measured in "
-                   "docs/cpu-tuning.md)")
+    p.add_argument("--weights", choices=WEIGHTS, default="mapped", help="a .vmfb: " + WEIGHTS_HELP)
     _add_shape_args(p)
     p.set_defaults(func=cmd_run)
 
@@ -843,9 +844,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_int_at_least(1), help="CPU threads for IREE and torch (default: all cores)")
     p.add_argument("--exact-weights", action="store_true",
                    help="refuse an archive whose weights differ from the one the module was exported from")
-    p.add_argument("--weights", choices=WEIGHTS, default="mapped", help="how a CPU module reads its weights: mapped from the archive's file (default; nothing read at "
-                   "load) or read into memory first (seconds at load, the same resident size; measured in "
-                   "docs/cpu-tuning.md)")
+    p.add_argument("--weights", choices=WEIGHTS, default="mapped", help=WEIGHTS_HELP)
     p.add_argument("--vs-eager", action="store_true", help="alternate with torch eager on the same inputs")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)
