@@ -260,6 +260,17 @@ def peak_rss_gib() -> float:
     return max(own, kids) / 2**20
 
 
+def meta_modules(config) -> dict:
+    """Every module of punet's UNet for `config` by its path, on the meta device (shapes and types, no weights):
+    what dispatch and node names are classified against."""
+    import torch
+
+    from punet.model import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return dict(UNet2DConditionModel(config).named_modules())
+
+
 def load_signature(a: dict):
     """(config, signature, build record or None) for the run: the .vmfb's when given, else fp32 at --batch/--size."""
     from punet.config import UNetConfig
@@ -784,17 +795,17 @@ def iree_perf_phase(a: dict, config, sig, info: dict, flow: dict | None, flow_no
                             text=True, check=True).stdout
     raw = parse_perf_samples(script)
     offsets: dict[Path, set[int]] = defaultdict(set)
-    located = []
-    for tid, t, ip in raw:
+    located = []  # (time, ELF file or None, offset in it)
+    for _, t, ip in raw:
         for lo, hi, path, base in code:
             if lo <= ip < hi:
-                located.append((tid, t, path, ip - lo + base))
+                located.append((t, path, ip - lo + base))
                 offsets[path].add(ip - lo + base)
                 break
         else:
-            located.append((tid, t, None, ip))
+            located.append((t, None, ip))
     names = {path: symbolize(path, offs) for path, offs in offsets.items()}
-    keyed = [(t, names[path][off] if path else K_HOST) for _, t, path, off in located]
+    keyed = [(t, names[path][off] if path else K_HOST) for t, path, off in located]
     bin_ns = 10**9 // freq
     per_fn_ns: dict[str, float] = defaultdict(float)
     cpu_samples: dict[str, int] = defaultdict(int)
@@ -852,14 +863,9 @@ def iree_perf_phase(a: dict, config, sig, info: dict, flow: dict | None, flow_no
 
 
 def phase_iree(a: dict) -> dict:
-    import torch
-
-    from punet.model import UNet2DConditionModel
-
     config, sig, info = load_signature(a)
     work = Path(a["work"])
-    with torch.device("meta"):
-        modules = dict(UNet2DConditionModel(config).named_modules())
+    modules = meta_modules(config)
     flow, flow_note = flow_map(a, info, work)
     if flow is None:
         say(f"no flow-level IR ({flow_note}): conv strides and matmul roles stay unclassified")
@@ -1053,16 +1059,17 @@ def phase_torch(a: dict) -> dict:
 # ---- OpenVINO --------------------------------------------------------------------------------------
 
 
+# punet's model inside the traced wrapper: `m` (here) or `model` (bench/worker.py's IR, the suite's)
 _OV_WRAPPER = re.compile(r"^__module\.(model|m)\.")
+_OV_WRAPPER_PATH = re.compile(r"^(model|m)(\.|$)")
 
 
 def ov_kind(node_name: str, node_type: str, modules: dict, attn_seen: dict) -> tuple[str, str | None]:
     """(kind, module path) of one executed OpenVINO node from its friendly name and type."""
     m = re.match(r"^__module\.([\w.]*?)/", node_name + "/")
     path = m.group(1) if m else None
-    if path is not None:  # the traced wrapper holds the UNet as `m` (here) or `model` (bench/worker.py's IR)
-        wrapper = next((w for w in ("model", "m") if path == w or path.startswith(w + ".")), None)
-        path = path[len(wrapper) + 1:] if wrapper else path
+    if path is not None:
+        path = _OV_WRAPPER_PATH.sub("", path)
     mod = modules.get(path) if path is not None else None
     t = node_type
     if t in ("Convolution", "GroupConvolution"):
@@ -1141,10 +1148,7 @@ def phase_openvino(a: dict) -> dict:
         t0 = time.perf_counter()
         ov_model = ov.Core().read_model(a["ov_xml"])
         say(f"read_model {a['ov_xml']}: {time.perf_counter() - t0:.1f} s")
-        with torch.device("meta"):
-            from punet.model import UNet2DConditionModel
-
-            modules = dict(UNet2DConditionModel(config).named_modules())
+        modules = meta_modules(config)
     else:
         t0 = time.perf_counter()
         with torch.no_grad():

@@ -10,6 +10,7 @@ less the mapping's start, plus the executable segment's address in the ELF, name
 from __future__ import annotations
 
 import re
+import struct
 import subprocess
 from collections import defaultdict
 from pathlib import Path
@@ -17,8 +18,6 @@ from pathlib import Path
 
 def vmfb_elfs(data: bytes) -> list[bytes]:
     """The ELF images a llvm-cpu .vmfb embeds (its executables' code), each cut at its section headers' end."""
-    import struct
-
     out, i = [], 0
     while (i := data.find(b"\x7fELF\x02\x01", i)) >= 0:
         shoff, = struct.unpack_from("<Q", data, i + 0x28)
@@ -35,8 +34,6 @@ def vmfb_elfs(data: bytes) -> list[bytes]:
 def elf_exec_span(elf: bytes) -> tuple[int, int]:
     """(start, end) of an ELF's executable PT_LOAD segment, widened to whole 4 KiB pages: the part of the
     image a loader maps r-x, as /proc/<pid>/maps shows it."""
-    import struct
-
     phoff, = struct.unpack_from("<Q", elf, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
     for k in range(phnum):

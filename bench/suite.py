@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from punet.artifacts import WEIGHTS
+from punet.fileio import WEIGHTS
 from punet.compile import get_target
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,12 +10,6 @@ from typing import Any
 
 from .signature import DTYPE_SHORT, Signature
 
-# How a CPU module's weights reach it at run time: the archive mapped from its file (the page cache's pages,
-# nothing read at load), or read once into the process's own memory, which the device then uses in place (no
-# copy, the same resident size). Reading costs seconds at load; on a Zen 5 guest the calls ran faster in 8 of 11
-# paired processes (median 1.12x), not against the suite's peers (docs/cpu-tuning.md, thirteenth session).
-WEIGHTS = ("mapped", "memory")
-
 
 def irpa_name(dtype: str) -> str:
     return f"unet_{DTYPE_SHORT[dtype]}.irpa"

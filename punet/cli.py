@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from .artifacts import WEIGHTS
 from .errors import PunetError, UsageError
+from .fileio import WEIGHTS
 
 WEIGHTS_HELP = ("how a CPU module reads its weights: mapped from the archive's file (default; nothing read at load) "
                 "or read into memory first (seconds at load, the same resident size; measured in docs/cpu-tuning.md)")

@@ -1,9 +1,11 @@
-"""Atomic file writes shared by every stage, the up-front check that an output can be written, and JSON configs read with one-line errors."""
+"""Atomic file writes shared by every stage, the up-front check that an output can be written, JSON configs read with
+one-line errors, and a parameter archive read into memory (how a CPU module may take its weights)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import tempfile
 from collections.abc import Iterator
@@ -11,6 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PunetError
+
+# How a CPU module's weights reach it at run time: the archive mapped from its file (the page cache's pages,
+# nothing read at load), or read once into the process's own memory, which the device then uses in place (no
+# copy, the same resident size). Reading costs seconds at load; on a Zen 5 guest the calls ran faster in 8 of 11
+# paired processes (median 1.12x), not against the suite's peers (docs/cpu-tuning.md, thirteenth session).
+WEIGHTS = ("mapped", "memory")
 
 
 def check_output(path: str | Path, flag: str = "-o") -> Path:
@@ -85,3 +93,26 @@ def read_json_object(path: Path, expected: str, error: type[PunetError] = PunetE
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def read_into_memory(path: Path) -> mmap.mmap:
+    """The bytes of `path` in anonymous memory (an mmap object), faulted in as a block first: on the hosts
+    measured, touching fresh memory page by page cost more than reading the file."""
+    size = path.stat().st_size
+    buf = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23))  # Linux 5.14+; older kernels fault page by page
+    except OSError:
+        pass
+    view = memoryview(buf)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            done = 0
+            while done < size:
+                n = f.readinto(view[done:done + (256 << 20)])
+                if not n:
+                    raise PunetError(f"{path}: ended at byte {done} of {size} while being read")
+                done += n
+    finally:
+        view.release()
+    return buf

@@ -242,6 +242,15 @@ def test_compile_details(plain, tmp_path):
     assert r.returncode == 0 and "iree-base-compiler 3.13" in r.stdout and "torch" in r.stdout
 
 
+def test_cli_parser_loads_without_torch():
+    """Bug: a constant the parser needs (the `--weights` choices) imported from a module that imports torch,
+    which put ~1 s on every `punet` command, `punet --help` and `punet compile` included. Reference: the
+    modules a fresh interpreter holds after building the parser."""
+    code = "import sys, punet.cli; punet.cli.build_parser(); sys.exit('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_list_targets_table_and_closed_pipe():
     """Guards: `punet compile --list-targets | head` ending in a BrokenPipeError traceback, and
     a target table without a header or the dtypes each target takes."""

@@ -3,7 +3,7 @@
 Parameters are served from the memory-mapped .irpa through the io-parameters
 module (scope "model"), never copied into Python; or, with weights="memory"
 on a CPU device, from one read of the archive into the process's memory,
-which the device uses in place (artifacts.WEIGHTS). Before anything runs, the
+which the device uses in place (fileio.WEIGHTS). Before anything runs, the
 .vmfb's build record is checked against the archive's digest and the
 inputs' shapes, so a mismatch is a one-line error rather than a crash
 inside the runtime.
@@ -22,39 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..artifacts import WEIGHTS, build_info_path
+from ..artifacts import build_info_path
 from ..config import UNetConfig
 from ..errors import PunetError
+from ..fileio import WEIGHTS, read_into_memory
 from ..signature import SCOPE, Signature, TensorSpec, check_inputs
 
 __all__ = ["Session", "device_buffer", "host_tensor", "load_build_info", "run_vmfb", "DEVICES"]
 
 DEVICES = ("local-task", "local-sync", "hip", "vulkan", "cuda")
-
-
-def read_into_memory(path: Path) -> Any:
-    """The bytes of `path` in anonymous memory (an mmap object), faulted in as a block first: on the hosts
-    measured, touching fresh memory page by page cost more than reading the file."""
-    import mmap
-
-    size = path.stat().st_size
-    buf = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        buf.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23))  # Linux 5.14+; older kernels fault page by page
-    except OSError:
-        pass
-    view = memoryview(buf)
-    try:
-        with open(path, "rb", buffering=0) as f:
-            done = 0
-            while done < size:
-                n = f.readinto(view[done:done + (256 << 20)])
-                if not n:
-                    raise PunetError(f"{path}: ended at byte {done} of {size} while being read")
-                done += n
-    finally:
-        view.release()
-    return buf
 
 
 _ELEMENT_TYPES = {
@@ -212,7 +188,7 @@ class Session:
                 session._buffers.append(buf)  # the device reads the weights from it: keep it for the session
                 index.load_from_file_handle(rt.FileHandle.wrap_memory(buf, readable=True, writable=False), "irpa")
                 if progress:
-                    progress(f"read {Path(path).name} into memory ({Path(path).stat().st_size / 2**30:.2f} GiB) in "
+                    progress(f"read {Path(path).name} into memory ({len(buf) / 2**30:.2f} GiB) in "
                              f"{time.perf_counter() - t0:.1f} s")
             else:
                 index.load(str(path), mmap=True)

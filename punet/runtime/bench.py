@@ -68,7 +68,7 @@ class BenchResult:
     host: dict[str, Any] = field(default_factory=dict)
     command: str = ""
     scheduled: bool = False  # the figure is one denoising step (run_forward), not one UNet call
-    weights: str = "mapped"  # how the weights reached the module (punet.artifacts.WEIGHTS)
+    weights: str = "mapped"  # how the weights reached the module (punet.fileio.WEIGHTS)
 
     @property
     def speedup_vs_eager(self) -> float | None:
