@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cpu_matmul import cpu_line, parse_variants, timed  # bench/: this script's folder is first on sys.path
+from cpu_matmul import parse_variants, timed  # bench/: this script's folder is first on sys.path
+
+from punet import host
 
 # name -> (heads, query tokens at 256x256 / 512x512 / 1024x1024, key tokens or None for self-attention)
 SHAPES = {
@@ -70,7 +72,7 @@ def main() -> None:
     min_tokens = SHAPES["self 1280"][1][SIZES.index(a.size)]
     flags = module_flags(get_target("cpu"), tuned=True, min_tokens=min_tokens, packed=True)
     budget = layers.SCORES_PER_SLICE
-    print(f"{cpu_line()}; {a.threads} threads; fp32; {a.size}x{a.size}; SCORES_PER_SLICE {budget}", flush=True)
+    print(f"{host.describe()}; {a.threads} threads; fp32; {a.size}x{a.size}; SCORES_PER_SLICE {budget}", flush=True)
     print(f"{'shape':11} {'heads x N x M':>16} {'runner':16} {'slices':>6} {'ms':>8} {'GFLOP/s':>8}")
     config = rt.Config("local-task")
     with tempfile.TemporaryDirectory() as tmp:

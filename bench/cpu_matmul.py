@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from punet import host
+
 # (M at 256x256 / 512x512 latent tokens, N, K): the SDXL UNet's two attention levels (640 and 1280 wide).
 SHAPES = {
     "q/k/v/out 640": ((256, 1024), 640, 640),
@@ -52,15 +54,6 @@ SHAPES = {
     "cross k/v 1280": ((77, 77), 1280, 2048),
 }
 NO_BIAS = {"cross k/v 640", "cross k/v 1280"}
-
-
-def cpu_line() -> str:
-    """The CPU's model name and the vector ISA flags that matter for fp32/bf16 matmuls."""
-    from cpu_profile import cpu_info  # bench/cpu_profile.py: this script's folder is first on sys.path
-
-    info = cpu_info()
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in info["flags"]]
-    return f"{info['model']} ({' '.join(isa)})"
 
 
 def timed(fn, repeat: int) -> float:
@@ -149,7 +142,7 @@ def main() -> None:
     a4 = torch.randn(4096, 4096)
     peak = 2 * 4096**3 / timed(lambda: a4 @ a4, 3) / 1e9
     weights = f"cold weights ({a.cold_mib} MiB per call), ms per matmul" if a.cold_mib else "one weight, hot"
-    print(f"{cpu_line()}; {a.threads} threads; {a.dtype}; fp32 sgemm peak (torch.mm 4096^3) {peak:.0f} GFLOP/s; {weights}",
+    print(f"{host.describe()}; {a.threads} threads; {a.dtype}; fp32 sgemm peak (torch.mm 4096^3) {peak:.0f} GFLOP/s; {weights}",
           flush=True)
     print(f"{'shape':16} {'M x N x K':>18} {'runner':14} {'ms':>8} {'GFLOP/s':>8} {'of peak':>8}")
     config = rt.Config("local-task")

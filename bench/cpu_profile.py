@@ -50,6 +50,8 @@ from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
+from punet import host
+
 PHASES = ("peak", "flops", "iree", "torch", "openvino")
 RUNNERS = ("iree", "torch", "openvino")
 RUNNER_TITLES = {"iree": "IREE", "torch": "torch eager", "openvino": "OpenVINO"}
@@ -206,20 +208,10 @@ def scoped_kind(mod, op_name: str, matmul_index: int | None) -> str:
 
 
 def cpu_info() -> dict:
-    info = {"model": platform.processor() or "unknown", "mhz": None, "flags": [], "logical_cpus": os.cpu_count()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, val = line.partition(":")
-        key, val = key.strip(), val.strip()
-        if key == "model name" and info["model"] in ("unknown", "x86_64", ""):
-            info["model"] = val
-        elif key == "cpu MHz" and info["mhz"] is None:
-            info["mhz"] = float(val)
-        elif key == "flags" and not info["flags"]:
-            info["flags"] = val.split()
+    fields = host.cpuinfo_fields()
+    mhz = fields.get("cpu MHz")
+    info = {"model": host.cpu_model(), "cpu_id": host.cpu_id(), "mhz": float(mhz) if mhz else None,
+            "flags": fields.get("flags", "").split(), "logical_cpus": os.cpu_count()}
     try:
         info["max_mhz"] = int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1000
     except (OSError, ValueError):
@@ -231,9 +223,6 @@ def cpu_info() -> dict:
     except OSError:
         pass
     return info
-
-
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def datasheet_peak(cpu: dict, threads: int) -> dict:
@@ -784,11 +773,11 @@ def iree_perf_phase(a: dict, config, sig, info: dict, flow: dict | None, flow_no
         raise SystemExit(f"perf record failed: {rec.stderr.read().strip()[-500:]}")
     spans, steal = [], []
     for _ in range(calls):
-        s0 = machine_busy_s(steal_only=True)
+        s0 = machine_steal_s()
         t0 = time.monotonic_ns()
         session.to_torch(session.call(args))
         spans.append((t0, time.monotonic_ns()))
-        steal.append(machine_busy_s(steal_only=True) - s0)
+        steal.append(machine_steal_s() - s0)
     rec.send_signal(signal.SIGINT)
     rec.wait()
     script = subprocess.run([perf, "script", "-i", str(data), "-F", "tid,time,ip", "--ns"], capture_output=True,
@@ -1320,8 +1309,9 @@ def render(res: dict, a: dict) -> str:
         L.append("")
     L.append("## Host and workload")
     L.append("")
-    isa = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ISA_FLAGS)
-    L.append(f"- CPU: {cpu['model']}, {cpu['logical_cpus']} logical CPUs, {cpu.get('mem_gib', 0):.0f} GiB RAM; "
+    isa = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in host.ISA_FLAGS)
+    cpu_id = f" ({cpu['cpu_id']})" if cpu.get("cpu_id") else ""  # absent from profiles before 2026-12-07
+    L.append(f"- CPU: {cpu['model']}{cpu_id}, {cpu['logical_cpus']} logical CPUs, {cpu.get('mem_gib', 0):.0f} GiB RAM; "
              f"ISA: {isa}.")
     L.append(f"- Threads: {a['threads']} for every runner (torch.set_num_threads, IREE "
              f"`--task_topology_max_group_count`, OpenVINO `INFERENCE_NUM_THREADS`).")
@@ -1668,17 +1658,25 @@ def tree_memory_kib(root: int) -> tuple[int, int]:
     return anon, total
 
 
-def machine_busy_s(steal_only: bool = False) -> float:
-    """CPU seconds all processes have used since boot (/proc/stat), or 0 where it cannot be read; with
-    `steal_only`, the seconds the hypervisor gave this machine's CPUs to others (steal)."""
+def _cpu_seconds() -> dict[str, float]:
+    """The machine's CPU time since boot by state (/proc/stat's first line), in seconds; {} where unreadable."""
     try:
-        f = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        ticks = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     except (OSError, ValueError):
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (f + [0] * 8)[:8]
-    if steal_only:
-        return steal / os.sysconf("SC_CLK_TCK")
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        return {}
+    states = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    return {k: v / os.sysconf("SC_CLK_TCK") for k, v in zip(states, ticks + [0] * 8)}
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all processes have used since boot (steal included), or 0 where it cannot be read."""
+    t = _cpu_seconds()
+    return sum(t.get(k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
+def machine_steal_s() -> float:
+    """Seconds the hypervisor has given this machine's CPUs to others since boot (steal), or 0."""
+    return _cpu_seconds().get("steal", 0.0)
 
 
 ROUNDED = ("iree", "openvino")  # the phases --rounds repeats, in rotation

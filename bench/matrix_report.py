@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import sys
 from pathlib import Path
@@ -84,13 +83,13 @@ def main() -> None:
     p.add_argument("-o", "--output", default=str(ROOT / "docs" / "targets.md"))
     a = p.parse_args()
     from punet.compile import TARGETS, compiler_version
+    from punet.host import describe
 
     results = {}
     for line in Path(a.report).read_text().splitlines():
         r = json.loads(line)
         results[r["target"], r["dtype"], r["decomposed"]] = r
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = describe()
     out = [HEADER, "## The rules\n", rules_table(), "",
            "## The matrix\n",
            f"A two-level SDXL-architecture UNet (`tests/test_matrix.py`, batch 2, 128x128, 77 tokens), "

@@ -11,6 +11,8 @@ import re
 import statistics
 from pathlib import Path
 
+from punet.host import cpuinfo_fields
+
 BEGIN = "<!-- suite:begin -->"
 END = "<!-- suite:end -->"
 BASE = "eager float32"
@@ -20,20 +22,6 @@ SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8
 # OpenVINO's CPU plugin computes in the precision hint; the IR itself is float32 (bench/worker.py).
 OV_PRECISION = {"float32": "f32", "bfloat16": "bf16"}
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx")
-
-
-def cpuinfo_fields(cpuinfo: str | None = None) -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo (or of `cpuinfo`'s text); {} where it cannot be read."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        key, _, val = line.partition(":")
-        fields.setdefault(key.strip(), val.strip())
-    return fields
 
 
 def fp32_flop_per_cycle(cpuinfo: str | None = None) -> tuple[int, str]:
@@ -48,15 +36,6 @@ def fp32_flop_per_cycle(cpuinfo: str | None = None) -> tuple[int, str]:
     if "avx2" in flags and "fma" in flags:
         return 32, "AVX2+FMA: 2 FMA units x 8 fp32 lanes x 2"
     return 16, "SSE: 2 units x 4 lanes x 2"
-
-
-def cpu_id(cpuinfo: str | None = None) -> str | None:
-    """The CPU's vendor family and model from /proc/cpuinfo ("family 26, model 2": AMD Zen 5), which tell
-    apart machines that share a model name ("AMD EPYC": Zen 3, Zen 4 and Zen 5 here); None if absent."""
-    fields = cpuinfo_fields(cpuinfo)
-    if "cpu family" not in fields or "model" not in fields:
-        return None
-    return f"family {fields['cpu family']}, model {fields['model']}"
 
 
 def cpu_label(host: dict, bold: bool = False) -> str:

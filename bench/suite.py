@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+from punet import host as cpu_host
 from punet.fileio import WEIGHTS
 from punet.compile import get_target
 
@@ -289,9 +290,7 @@ def host() -> dict:
 
     report = bench_module("report")
 
-    fields = report.cpuinfo_fields()
-    cpu = fields.get("model name", platform.machine())
-    flags = set(fields.get("flags", "").split())
+    flags = cpu_host.cpu_flags()
     from punet.compile import compiler_version
 
     try:
@@ -301,8 +300,8 @@ def host() -> dict:
     except ImportError:
         ov_version = None
     return {
-        "cpu": cpu,
-        "cpu_id": report.cpu_id(),
+        "cpu": cpu_host.cpu_model(),
+        "cpu_id": cpu_host.cpu_id(),
         "cores": os.cpu_count(),
         "flags": {name: flag in flags for name, flag in ISA_FLAGS.items()},
         "avx512_bf16": "avx512_bf16" in flags,

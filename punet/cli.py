@@ -230,9 +230,13 @@ def cmd_run(args) -> int:
             device=device,
             exact_weights=args.exact_weights,
             progress=_say,
-            weights=args.weights,
+            weights=args.weights or "mapped",
         )
     elif artifact.suffix == ".irpa":
+        for flag, given in (("--weights", args.weights), ("--exact-weights", args.exact_weights)):
+            if given:  # options of IREE's archive reader: an .irpa run in torch loads the model whole
+                raise UsageError(f"{flag}: applies to a .vmfb run (how IREE reads --irpa); "
+                                 f"{artifact} runs in torch eager, which reads the archive into memory")
         from .eager import run_eager
         from .weights import read_metadata
 
@@ -554,6 +558,8 @@ def cmd_bench(args) -> int:
 def print_bench(res) -> None:
     from rich.table import Table
 
+    from .host import describe
+
     shapes = ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in res.inputs)
     table = Table(title=f"{Path(res.vmfb).name} on {res.device}, {res.threads} threads, weights {res.weights}")
     for col in ("runner", "min ms", "median ms", "p90 ms", "mean ms", "calls"):
@@ -563,7 +569,7 @@ def print_bench(res) -> None:
         table.add_row(name, f"{s.min:.1f}", f"{s.median:.1f}", f"{s.p90:.1f}", f"{s.mean:.1f}", str(len(s.samples_ms)))
     out = _stdout_console()
     out.print(table)
-    out.print(f"inputs: {shapes}; dtype {res.dtype}; host {res.host.get('cpu')} ({res.host.get('cores')} cores)",
+    out.print(f"inputs: {shapes}; dtype {res.dtype}; host {describe(res.host)}, {res.host.get('cores')} cores",
               soft_wrap=True)
     if res.eager:
         out.print(f"IREE / torch eager speed: {res.speedup_vs_eager:.2f}x (median, >1 means IREE is faster)")
@@ -707,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype for eager (default: the .irpa's; float64: a quantized model's exact reference)")
     p.add_argument("--exact-weights", action="store_true",
                    help="a .vmfb: refuse an archive whose weights differ from the one it was exported from")
-    p.add_argument("--weights", choices=WEIGHTS, default="mapped", help="a .vmfb: " + WEIGHTS_HELP)
+    p.add_argument("--weights", choices=WEIGHTS, help="a .vmfb: " + WEIGHTS_HELP)
     _add_shape_args(p)
     p.set_defaults(func=cmd_run)
 

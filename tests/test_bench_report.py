@@ -207,13 +207,3 @@ def test_flop_per_cycle_follows_the_cpu(vendor, family, flags, expected):
     fraction. Reference: the vendors' pipe widths (AMD's Zen 4 / Zen 5 optimisation guides)."""
     text = f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nflags\t\t: {flags}\n"
     assert report.fp32_flop_per_cycle(text)[0] == expected
-
-
-def test_cpu_id_tells_machines_of_one_name_apart():
-    """The suite's CPU line names family and model: "AMD EPYC" was a Zen 3, a Zen 4 and a Zen 5 here.
-    Catches "model name" read for "model", a later processor's fields read over the first's, or an id
-    made up where the fields are missing."""
-    text = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
-    assert report.cpu_id(text) == "family 26, model 2"
-    assert report.cpu_id(text + "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\n") == "family 26, model 2"
-    assert report.cpu_id("processor\t: 0\nmodel name\t: Some ARM\n") is None

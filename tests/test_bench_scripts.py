@@ -14,6 +14,28 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The scripts with a command line, and the helper modules the others import from bench/.
+SCRIPTS = sorted(p.name for p in (ROOT / "bench").glob("*.py")
+                 if "argparse" in p.read_text() and p.name != "worker.py")  # worker.py: the suite's JSON child
+HELPERS = ("report", "perf_samples", "worker")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bench_script_starts(script):
+    """Bug: a script importing a helper that moved (bench/cpu_attention.py imported `cpu_line` from
+    cpu_matmul.py after it moved to punet.host, and no test ran it). Reference: argparse's usage line
+    naming the script."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith(f"usage: {script}"), r.stdout + r.stderr
+
+
+def test_bench_helpers_import():
+    """The same for the modules bench/ scripts import by name (bench/ first on sys.path, as when run)."""
+    code = f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); " + "; ".join(f"import {m}" for m in HELPERS)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_gpu_script_fails_clearly_without_gpu(tmp_path):
     r = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(tmp_path)], capture_output=True, text=True)

@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from punet import host
 from punet.compile import compile_flags, compile_vmfb, get_target, iree_compile
 from punet.eager import call_model, cast_inputs
 from punet.errors import PunetError
@@ -278,3 +279,5 @@ def test_cli_run_vmfb_and_compare(work, tmp_path):
     assert b["target"] == "cpu" and b["entry"] == "main" and b["threads"] == os.cpu_count()
     assert [i["name"] for i in b["inputs"]] == [s.name for s in Signature(1, H, W).inputs(load_irpa(irpa)[0])]
     assert "iree-benchmark-module" in r.stdout and "--parameters=model=" in r.stdout
+    # The CPU line names family, model and ISA flags ("AMD EPYC" alone was three machines here).
+    assert b["host"]["isa"] == host.isa() and f"host {host.describe()}, " in r.stdout, r.stdout

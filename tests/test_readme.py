@@ -36,6 +36,20 @@ def test_readme_block_is_what_this_test_runs():
     }
 
 
+
+def test_map_of_the_code_names_every_module():
+    """The README's map lists every module and subpackage of `punet/` (the brief: keep the map true).
+    Catches a module added without its row (punet/host.py, punet/fileio.py were) or a row left for one
+    that was removed. Reference: the package's own directory listing."""
+    text = README.read_text()
+    table = text[text.index("## Map of the code"):]
+    table = table[: table.index("\n## ", 1)]
+    rows = set(re.findall(r"^\| `(punet/[^`]*?)/?` \|", table, re.M))
+    pkg = README.parent / "punet"
+    modules = {f"punet/{p.name}" for p in pkg.iterdir()
+               if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").exists()}
+    assert rows == modules, f"missing from the map: {sorted(modules - rows)}; gone: {sorted(rows - modules)}"
+
 def test_readme_examples_run_in_order(checkpoints, tmp_path):
     shutil.copytree(checkpoints["tiny-sdxl"], tmp_path / "my-sdxl-unet")
     ran = 0

@@ -195,7 +195,8 @@ def test_usage_mistakes_are_one_line_exit_2(plain, tmp_path):
     """Guards: values accepted silently or failing late (--tokens 0, --threads -1 handed to IREE,
     --rtol -1, bench --repeat 0's min() of an empty list, a bad --height exiting 1), a .vmfb run
     at shapes it was not compiled for, eager runs on IREE device names, import writing an .irpa
-    under a .safetensors name."""
+    under a .safetensors name, IREE's archive options (--weights, --exact-weights) ignored by an
+    eager run."""
     root, _ = plain
     out = str(tmp_path / "o.safetensors")
     cases = [
@@ -212,6 +213,8 @@ def test_usage_mistakes_are_one_line_exit_2(plain, tmp_path):
         (["run", "unet.irpa", "--device", "local-task", "-o", out], ["--device local-task", "torch"]),
         (["run", "unet.cpu.vmfb", "--irpa", "unet.irpa", "--device", "cpu", "-o", out], ["--device cpu", "IREE"]),
         (["run", "unet.cpu.vmfb", "-o", out], ["--irpa"]),
+        (["run", "unet.irpa", "--weights", "memory", "-o", out], ["--weights", ".vmfb", "torch eager"]),
+        (["run", "unet.irpa", "--exact-weights", "-o", out], ["--exact-weights", ".vmfb"]),
         (["import", "builtin:tiny-sdxl", "-o", str(tmp_path / "model.safetensors")], ["-o", ".irpa"]),
         (["compile", "unet.mlir", "--target", "nope"], ["--target", "nope"]),
         (["compile", "unet.mlir", "--flags-extra", "oops"], ["--flags-extra", "'-'"]),

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .. import host
 from ..signature import make_inputs
 from . import Session, set_threads
 
@@ -152,15 +153,7 @@ def _scheduled_runners(session: Session, irpa, seed: int, vs_eager: bool):
 
 
 def host_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+    return {**host.info(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def benchmark(
