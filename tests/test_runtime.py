@@ -196,7 +196,7 @@ def test_benchmark(built):
         "--input=1x4x8x8xf32 --input=1xf32 --input=1x8x32xf32 --input=1x32xf32 --input=1x6xf32 "
         "--task_topology_max_group_count=1"
     )
-    assert set(res.host) == {"cpu", "cores", "torch", "python"} and res.host["torch"] == torch.__version__
+    assert set(res.host) == {"cpu", "cpu_id", "isa", "cores", "torch", "python"} and res.host["torch"] == torch.__version__
     alone = benchmark(vmfb, irpa, warmup=0, repeat=1, threads=1)
     assert alone.eager is None and alone.speedup_vs_eager is None and alone.to_dict()["eager"] is None
 
