@@ -208,9 +208,10 @@ def scoped_kind(mod, op_name: str, matmul_index: int | None) -> str:
 
 
 def cpu_info() -> dict:
-    fields = host.cpuinfo_fields()
+    text = host.read_cpuinfo()
+    fields = host.cpuinfo_fields(text)
     mhz = fields.get("cpu MHz")
-    info = {"model": host.cpu_model(), "cpu_id": host.cpu_id(), "mhz": float(mhz) if mhz else None,
+    info = {"model": host.cpu_model(text), "cpu_id": host.cpu_id(text), "mhz": float(mhz) if mhz else None,
             "flags": fields.get("flags", "").split(), "logical_cpus": os.cpu_count()}
     try:
         info["max_mhz"] = int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1000

@@ -290,7 +290,8 @@ def host() -> dict:
 
     report = bench_module("report")
 
-    flags = cpu_host.cpu_flags()
+    cpuinfo = cpu_host.read_cpuinfo()
+    flags = cpu_host.cpu_flags(cpuinfo)
     from punet.compile import compiler_version
 
     try:
@@ -300,14 +301,14 @@ def host() -> dict:
     except ImportError:
         ov_version = None
     return {
-        "cpu": cpu_host.cpu_model(),
-        "cpu_id": cpu_host.cpu_id(),
+        "cpu": cpu_host.cpu_model(cpuinfo),
+        "cpu_id": cpu_host.cpu_id(cpuinfo),
         "cores": os.cpu_count(),
         "flags": {name: flag in flags for name, flag in ISA_FLAGS.items()},
         "avx512_bf16": "avx512_bf16" in flags,
         "amx": "amx_bf16" in flags,
         "ghz": report.cpu_ghz(),
-        "fp32_flop_per_cycle": report.fp32_flop_per_cycle()[0],
+        "fp32_flop_per_cycle": report.fp32_flop_per_cycle(cpuinfo)[0],
         "torch": torch.__version__,
         "iree_compiler": compiler_version(),
         "openvino": ov_version,

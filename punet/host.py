@@ -18,13 +18,19 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp1
              "amx_int8")
 
 
+def read_cpuinfo() -> str:
+    """/proc/cpuinfo's text, or "" where it cannot be read. The functions below take it as `cpuinfo` (None:
+    read it), so that a caller asking for several of them reads the file once."""
+    try:
+        return CPUINFO.read_text()
+    except OSError:
+        return ""
+
+
 def cpuinfo_fields(cpuinfo: str | None = None) -> dict[str, str]:
     """The first processor's fields of /proc/cpuinfo (or of `cpuinfo`'s text); {} where it cannot be read."""
     if cpuinfo is None:
-        try:
-            cpuinfo = CPUINFO.read_text()
-        except OSError:
-            cpuinfo = ""
+        cpuinfo = read_cpuinfo()
     fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
         key, _, val = line.partition(":")
@@ -58,6 +64,7 @@ def isa(cpuinfo: str | None = None) -> list[str]:
 
 def info(cpuinfo: str | None = None) -> dict:
     """What a figure records of its CPU: {"cpu": model name, "cpu_id": family and model, "isa": flags}."""
+    cpuinfo = read_cpuinfo() if cpuinfo is None else cpuinfo
     return {"cpu": cpu_model(cpuinfo), "cpu_id": cpu_id(cpuinfo), "isa": isa(cpuinfo)}
 
 
